@@ -1,0 +1,406 @@
+"""Typed configuration: one dataclass per section, registered with Hydra as the schema.
+
+The YAML files in ``configs/`` only set values; every key and type is declared here, so an
+unknown key or a wrong type is refused by OmegaConf while composing, and the cross-field rules in
+:func:`validate` run before any process group or heavy import. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key."""
+
+
+class Precision(str, enum.Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class DeepNormVariant(str, enum.Enum):
+    glm130b = "glm130b"  # alpha = sqrt(2N), beta = 1/sqrt(2N)
+    deepnet = "deepnet"  # DeepNet decoder: alpha = (2N)^(1/4), beta = (8N)^(-1/4)
+
+
+class PositionEncoding(str, enum.Enum):
+    rope_1d = "rope_1d"  # GLM-130B: one position per token, rotary over the whole head dim
+    rope_2d = "rope_2d"  # original GLM: (position in Part A, position within span), half the head each
+
+
+class AttentionImpl(str, enum.Enum):
+    sdpa = "sdpa"  # torch scaled_dot_product_attention with a boolean prefix mask
+    eager = "eager"  # explicit FP32 softmax with query-key layer scaling (reference path)
+
+
+@dataclass
+class ModelConfig:
+    """GLM transformer shape and numerics (SPEC.md, "Model")."""
+
+    name: str = "toy"
+    """Free-form name of the preset, recorded in the run."""
+    layers: int = 4
+    """Number of transformer layers N."""
+    hidden: int = 128
+    """Hidden size d."""
+    heads: int = 2
+    """Attention heads h; must divide hidden."""
+    ffn_hidden: int | None = None
+    """GeGLU inner size; None means round(8/3 * hidden) rounded up to a multiple of 64."""
+    vocab_size: int | None = None
+    """Padded vocabulary size; None means taken from the tokenizer, padded to pad_vocab_multiple."""
+    pad_vocab_multiple: int = 128
+    """Pad the vocabulary to a multiple of this so tensor-parallel ranks get equal slices."""
+    seq_length: int = 128
+    """Training sequence length (Part A + Part B)."""
+    dropout: float = 0.0
+    """Dropout on hidden states (after attention and FFN)."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+    layernorm_eps: float = 1e-5
+    """LayerNorm epsilon."""
+    deepnorm: DeepNormVariant = DeepNormVariant.glm130b
+    """DeepNorm constants: GLM-130B's (default) or the DeepNet decoder recipe."""
+    position_encoding: PositionEncoding = PositionEncoding.rope_1d
+    """1D RoPE (GLM-130B) or GLM's 2D positions."""
+    rope_base: float = 10000.0
+    """RoPE base frequency."""
+    attention_impl: AttentionImpl = AttentionImpl.sdpa
+    """Attention kernel: SDPA (fast) or eager (explicit FP32 softmax, query-key layer scaling)."""
+    init_std: float = 0.02
+    """Std of the normal init of the (tied) word embedding."""
+
+    def ffn_size(self) -> int:
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        return int(math.ceil(8 * self.hidden / 3 / 64) * 64)
+
+
+@dataclass
+class ObjectiveConfig:
+    """Autoregressive blank infilling (SPEC.md, "Objective")."""
+
+    mask_prob: float = 0.3
+    """Share of sequences corrupted with [MASK] spans; the rest use [gMASK]."""
+    mask_ratio: float = 0.15
+    """Share of tokens masked in a [MASK] sequence."""
+    poisson_lambda: float = 3.0
+    """Mean span length of [MASK] spans (Poisson)."""
+    min_gmask_ratio: float = 0.2
+    """Smallest share of a [gMASK] sequence that goes to Part B; the share is uniform in [this, 1)."""
+    short_seq_prob: float = 0.02
+    """Probability that a sample uses a shorter document window (uniform length)."""
+    single_span_prob: float = 0.02
+    """Probability that a [MASK] sample masks one single span of mask_ratio length."""
+
+
+@dataclass
+class DataConfig:
+    """Where training and validation tokens come from."""
+
+    tokenizer: str = "data/demo/tokenizer.model"
+    """Sentencepiece model file; special tokens are appended after its vocabulary."""
+    train: list[str] = field(default_factory=lambda: ["data/demo/en_train", "data/demo/zh_train"])
+    """Prefixes of indexed datasets (``.bin``/``.idx``/``.json``) used for training."""
+    weights: list[float] | None = None
+    """Sampling weight per train prefix; None weights by token count."""
+    valid: dict[str, str] = field(
+        default_factory=lambda: {"en": "data/demo/en_val", "zh": "data/demo/zh_val"}
+    )
+    """Validation sets by name; metrics get ``val_loss_<name>``."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimization loop (SPEC.md, "Training recipe")."""
+
+    iters: int = 200
+    """Optimizer steps to run in total (a resumed run continues up to this number)."""
+    seed: int = 1234
+    """Seed of the initialization, the data order and dropout."""
+    micro_batch: int = 8
+    """Sequences per micro-batch per data-parallel rank."""
+    global_batch: int = 8
+    """Sequences per optimizer step over all ranks (micro_batch * dp * grad-accumulation)."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of cosine decay."""
+    warmup_iters: int = 20
+    """Linear warm-up steps, from warmup_init_lr to lr."""
+    warmup_init_lr: float = 1e-7
+    """Learning rate at step 0."""
+    decay_iters: int | None = None
+    """Steps of cosine decay after warm-up; None means until train.iters."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not applied to biases and LayerNorm parameters, as in Megatron)."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Global gradient-norm clipping threshold; 0 disables."""
+    max_seconds: float | None = None
+    """Stop (with a checkpoint) after this many seconds of training; None means no limit."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+
+
+@dataclass
+class EvalConfig:
+    """Validation on [gMASK] samples of held-out documents."""
+
+    every: int = 100
+    """Evaluate every this many steps (and at the first and last step); 0 disables."""
+    max_samples: int = 256
+    """Validation sequences per set at most."""
+    gmask_ratio: float = 0.5
+    """Share of each validation window that goes to Part B (fixed, so the measure is stable)."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving and resuming."""
+
+    every: int = 100
+    """Save every this many steps (and at the end); 0 saves only at the end."""
+    load: str | None = None
+    """Explicit checkpoint folder to resume from; None means ``<run.dir>/checkpoints/latest``."""
+    keep_last: int = 3
+    """Keep this many most recent checkpoints; 0 keeps all."""
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout (one process until the 3D-parallelism work lands)."""
+
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    zero_stage: int = 1
+    """ZeRO stage (0 or 1; 2/3 are refused by DeepSpeed's pipeline engine)."""
+    activation_checkpoint_interval: int = 0
+    """Recompute every this many transformer layers; 0 disables."""
+
+
+@dataclass
+class StabilityConfig:
+    """Training-stability measures."""
+
+    egs: Any = 0.1
+    """Embedding gradient shrink alpha: a number, or a list of [step, alpha] points (linear between)."""
+
+
+@dataclass
+class RunConfig:
+    """Run directory and logging."""
+
+    dir: str = "runs/default"
+    """Run directory: config.yaml, metrics.jsonl, checkpoints/, loss.png."""
+    log_every: int = 1
+    """Write a metrics line every this many steps."""
+    wandb: bool = False
+    """Log to Weights & Biases (offline unless wandb_mode says otherwise)."""
+    wandb_mode: str = "offline"
+    """wandb mode: offline (default, needs no account or network), online or disabled."""
+    wandb_project: str = "glm_train"
+
+
+@dataclass
+class GLMConfig:
+    """The whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    precision: Precision = Precision.fp32
+    """Training precision: fp32, bf16 (fp16 arrives with the mixed-precision work)."""
+
+
+def _register() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="glm_schema", node=GLMConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+
+
+def load_config(overrides: list[str] | None = None, config_name: str = "config") -> GLMConfig:
+    """Compose ``configs/<config_name>.yaml`` with Hydra overrides, convert and validate.
+
+    Raises ConfigError with the offending key named in the message.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    _register()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            cfg = compose(config_name=config_name, overrides=list(overrides or []))
+        _check_unknown_keys(OmegaConf.to_container(cfg, resolve=True), GLMConfig, "")
+        obj = OmegaConf.to_object(cfg)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(_clean_hydra_message(e)) from None
+    assert isinstance(obj, GLMConfig)
+    validate(obj)
+    return obj
+
+
+def _check_unknown_keys(node: Any, schema: type, prefix: str) -> None:
+    """Hydra lets ``+key=value`` add keys to a typed node; refuse any key the dataclass lacks."""
+    import dataclasses
+
+    if not isinstance(node, dict):
+        return
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, val in node.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"{full}: unknown key; allowed keys under '{prefix.rstrip('.') or '<root>'}' are "
+                              f"{', '.join(sorted(fields))}")
+        sub = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            _check_unknown_keys(val, sub, full + ".")
+
+
+def _clean_hydra_message(e: BaseException) -> str:
+    # Hydra wraps OmegaConf's error (which names the key and the allowed values) as __cause__.
+    parts: list[str] = []
+    cur: BaseException | None = e
+    while cur is not None:
+        lines = [ln.strip() for ln in str(cur).splitlines()]
+        # Drop OmegaConf's "object_type=..." noise and Hydra's search-path dump.
+        lines = [ln for ln in lines if ln and not ln.startswith(("object_type", "Config search path", "provider="))]
+        text = " ".join(lines)
+        if text and text not in parts and "$VALUE" not in text:
+            parts.append(text)
+        cur = cur.__cause__ or cur.__context__
+    return " | ".join(parts)
+
+
+def to_yaml(cfg: GLMConfig) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml(path: str | Path) -> GLMConfig:
+    """Read a run's saved config.yaml back into a GLMConfig (no validation of data paths)."""
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.structured(GLMConfig)
+    obj = OmegaConf.to_object(OmegaConf.merge(base, OmegaConf.load(path)))
+    assert isinstance(obj, GLMConfig)
+    return obj
+
+
+def _require(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def egs_points(egs: Any) -> list[tuple[int, float]]:
+    """Normalize ``stability.egs`` to sorted (step, alpha) points; raises ConfigError."""
+    if isinstance(egs, (int, float)) and not isinstance(egs, bool):
+        pts = [(0, float(egs))]
+    elif isinstance(egs, (list, tuple)) and egs:
+        pts = []
+        for p in egs:
+            if not (isinstance(p, (list, tuple)) and len(p) == 2):
+                raise ConfigError(f"stability.egs: expected a number or a list of [step, alpha] pairs, got {egs!r}")
+            pts.append((int(p[0]), float(p[1])))
+        pts.sort()
+    else:
+        raise ConfigError(f"stability.egs: expected a number or a list of [step, alpha] pairs, got {egs!r}")
+    for _, a in pts:
+        _require(0.0 <= a <= 1.0, "stability.egs", f"alpha must lie in [0, 1], got {a}")
+    return pts
+
+
+def validate(cfg: GLMConfig, check_paths: bool = True) -> None:
+    """Cross-field checks that OmegaConf's typing cannot express. Cheap: no torch, no I/O but stat."""
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    for key, val in [("model.layers", m.layers), ("model.hidden", m.hidden), ("model.heads", m.heads),
+                     ("model.seq_length", m.seq_length), ("train.micro_batch", t.micro_batch),
+                     ("train.global_batch", t.global_batch), ("parallel.tp", p.tp), ("parallel.pp", p.pp)]:
+        _require(val >= 1, key, f"must be >= 1, got {val}")
+    _require(t.iters >= 0, "train.iters", f"must be >= 0, got {t.iters}")
+    _require(m.hidden % m.heads == 0, "model.heads",
+             f"must divide model.hidden={m.hidden}, got {m.heads}")
+    head_dim = m.hidden // m.heads
+    _require(head_dim % 2 == 0, "model.heads", f"head dim hidden/heads={head_dim} must be even for RoPE")
+    if m.position_encoding == PositionEncoding.rope_2d:
+        _require(head_dim % 4 == 0, "model.position_encoding",
+                 f"rope_2d needs a head dim divisible by 4, got {head_dim}")
+    _require(m.ffn_size() >= 1, "model.ffn_hidden", f"must be >= 1, got {m.ffn_hidden}")
+    _require(m.pad_vocab_multiple >= 1, "model.pad_vocab_multiple", "must be >= 1")
+    for key, val in [("model.dropout", m.dropout), ("model.attention_dropout", m.attention_dropout)]:
+        _require(0.0 <= val < 1.0, key, f"must lie in [0, 1), got {val}")
+    _require(m.heads % p.tp == 0, "parallel.tp", f"must divide model.heads={m.heads}, got {p.tp}")
+    _require(m.ffn_size() % p.tp == 0, "parallel.tp", f"must divide the FFN size {m.ffn_size()}, got {p.tp}")
+    if m.vocab_size is not None:
+        _require(m.vocab_size % p.tp == 0, "model.vocab_size", f"must be divisible by parallel.tp={p.tp}")
+    _require(m.pad_vocab_multiple % p.tp == 0, "model.pad_vocab_multiple",
+             f"must be divisible by parallel.tp={p.tp}, got {m.pad_vocab_multiple}")
+    _require(p.pp <= m.layers, "parallel.pp", f"must be <= model.layers={m.layers}, got {p.pp}")
+    _require(p.zero_stage in (0, 1), "parallel.zero_stage",
+             f"allowed values are 0 or 1 (DeepSpeed refuses ZeRO-2/3 with pipelines), got {p.zero_stage}")
+    _require(t.global_batch % t.micro_batch == 0, "train.global_batch",
+             f"must be a multiple of train.micro_batch={t.micro_batch}, got {t.global_batch}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    _require(world % (p.tp * p.pp) == 0, "parallel.tp",
+             f"tp*pp={p.tp * p.pp} must divide the world size {world}")
+    dp = world // (p.tp * p.pp)
+    _require(t.global_batch % (t.micro_batch * dp) == 0, "train.global_batch",
+             f"must be a multiple of train.micro_batch*dp={t.micro_batch * dp}, got {t.global_batch}")
+    _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _require(0 <= t.min_lr <= t.lr, "train.min_lr", f"must lie in [0, train.lr], got {t.min_lr}")
+    _require(t.warmup_iters >= 0, "train.warmup_iters", "must be >= 0")
+    o = cfg.objective
+    for key, val in [("objective.mask_prob", o.mask_prob), ("objective.short_seq_prob", o.short_seq_prob),
+                     ("objective.single_span_prob", o.single_span_prob)]:
+        _require(0.0 <= val <= 1.0, key, f"must lie in [0, 1], got {val}")
+    _require(0.0 < o.mask_ratio < 1.0, "objective.mask_ratio", f"must lie in (0, 1), got {o.mask_ratio}")
+    _require(0.0 < o.min_gmask_ratio < 1.0, "objective.min_gmask_ratio", "must lie in (0, 1)")
+    _require(o.poisson_lambda > 0, "objective.poisson_lambda", "must be > 0")
+    _require(0.0 < cfg.eval.gmask_ratio < 1.0, "eval.gmask_ratio", "must lie in (0, 1)")
+    egs_points(cfg.stability.egs)
+    _require(cfg.precision in (Precision.fp32, Precision.bf16), "precision",
+             f"allowed values are fp32, bf16 (fp16 is not supported yet), got {cfg.precision.value}")
+    _require(cfg.run.wandb_mode in ("offline", "online", "disabled"), "run.wandb_mode",
+             f"allowed values are offline, online, disabled; got {cfg.run.wandb_mode}")
+    d = cfg.data
+    _require(len(d.train) >= 1, "data.train", "needs at least one dataset prefix")
+    if d.weights is not None:
+        _require(len(d.weights) == len(d.train), "data.weights",
+                 f"needs one weight per data.train entry ({len(d.train)}), got {len(d.weights)}")
+        _require(all(w >= 0 for w in d.weights) and sum(d.weights) > 0, "data.weights",
+                 "must be non-negative with a positive sum")
+    if check_paths:
+        _require(Path(d.tokenizer).is_file(), "data.tokenizer",
+                 f"file not found: {d.tokenizer} (run `glm-prepare-demo` for the demo data)")
+        for i, prefix in enumerate(d.train):
+            _require(Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file(), f"data.train[{i}]",
+                     f"dataset not found: {prefix}.bin/.idx (run `glm-prepare-demo` for the demo data)")
+        for name, prefix in d.valid.items():
+            _require(Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file(), f"data.valid.{name}",
+                     f"dataset not found: {prefix}.bin/.idx")

@@ -1,0 +1,146 @@
+"""Training and validation samples from indexed token datasets.
+
+Each dataset is read as one stream: its documents in order, each followed by <eod>. The stream is
+cut into windows of ``seq_length - 2`` tokens (room for the mask token and <sop>). Sample ``i`` of
+the mixture is a deterministic function of (seed, i): epoch ``i // N`` shuffles the N windows of all
+datasets with seed (seed, epoch), so a resumed run only needs the number of consumed samples.
+With ``weights``, each dataset gets that share of every epoch's N slots and cycles through its own
+shuffled windows (a dataset given more than its natural share is repeated, less is subsampled).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from glm_train.config import ObjectiveConfig
+from glm_train.data.blank_infilling import Sample, SpecialIds, build_gmask_sample, build_sample
+from glm_train.data.indexed import IndexedDataset
+
+
+class TokenStream:
+    """A dataset's documents as one stream with <eod> after each document."""
+
+    def __init__(self, ds: IndexedDataset, eod: int) -> None:
+        self.ds, self.eod = ds, eod
+        lengths = np.asarray(ds.doc_lengths, dtype=np.int64) + 1
+        self.doc_starts = np.concatenate([[0], np.cumsum(lengths)])  # stream offset of each document
+        self.doc_offsets = np.concatenate([[0], np.cumsum(np.asarray(ds.doc_lengths, dtype=np.int64))])
+        self.length = int(self.doc_starts[-1])
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        out = np.empty(length, dtype=np.int64)
+        pos, filled = start, 0
+        doc = int(np.searchsorted(self.doc_starts, start, side="right") - 1)
+        while filled < length and doc < len(self.doc_starts) - 1:
+            within = pos - int(self.doc_starts[doc])
+            doc_len = int(self.doc_starts[doc + 1] - self.doc_starts[doc]) - 1
+            take_text = max(0, min(doc_len - within, length - filled))
+            if take_text:
+                base = int(self.doc_offsets[doc]) + within
+                out[filled:filled + take_text] = self.ds.tokens[base:base + take_text]
+                filled += take_text
+                pos += take_text
+            if filled < length:  # reached the document's end: its <eod>
+                out[filled] = self.eod
+                filled += 1
+                pos += 1
+            doc += 1
+        return out[:filled]
+
+    def num_windows(self, window: int) -> int:
+        return self.length // window
+
+
+class GLMTrainData:
+    """The training mixture: ``sample(i)`` for any i >= 0 (epochs wrap), deterministic in (seed, i)."""
+
+    def __init__(self, datasets: Sequence[IndexedDataset], ids: SpecialIds, seq_length: int, seed: int,
+                 objective: ObjectiveConfig, weights: Sequence[float] | None = None,
+                 two_d: bool = False) -> None:
+        self.ids, self.seq_length, self.seed, self.objective, self.two_d = ids, seq_length, seed, objective, two_d
+        self.window = seq_length - 2
+        self.streams = [TokenStream(ds, ids.eod) for ds in datasets]
+        self.windows = np.asarray([s.num_windows(self.window) for s in self.streams], dtype=np.int64)
+        if (self.windows == 0).any():
+            bad = [i for i, n in enumerate(self.windows) if n == 0]
+            raise ValueError(f"data.train{bad}: fewer tokens than one sequence of {seq_length}")
+        total = int(self.windows.sum())
+        if weights is None:
+            self.slots = self.windows.copy()
+        else:
+            w = np.asarray(weights, dtype=np.float64)
+            self.slots = np.maximum(np.round(w / w.sum() * total).astype(np.int64), (w > 0).astype(np.int64))
+        self.epoch_size = int(self.slots.sum())
+        self._epoch = -1
+        self._order: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.epoch_size
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch, 0])
+            slot_ds = np.repeat(np.arange(len(self.slots)), self.slots)
+            self._order = rng.permutation(slot_ds.size)
+            self._slot_ds = slot_ds
+            self._epoch = epoch
+        assert self._order is not None
+        return self._order
+
+    def _window_of(self, index: int) -> tuple[int, int]:
+        epoch, j = divmod(index, self.epoch_size)
+        order = self._epoch_order(epoch)
+        slot = int(order[j])
+        ds = int(self._slot_ds[slot])
+        first_slot = int(self.slots[:ds].sum())
+        # The k-th use of dataset ds overall walks its own per-cycle shuffled windows.
+        k = epoch * int(self.slots[ds]) + (slot - first_slot)
+        cycle, within = divmod(k, int(self.windows[ds]))
+        perm = np.random.default_rng([self.seed, ds, cycle, 1]).permutation(int(self.windows[ds]))
+        return ds, int(perm[within])
+
+    def sample(self, index: int) -> Sample:
+        ds, w = self._window_of(index)
+        text = self.streams[ds].read(w * self.window, self.window)
+        rng = np.random.default_rng([self.seed, index, 2])
+        return build_sample(text, rng, self.seq_length, self.objective, self.ids, self.two_d)
+
+
+class ValidationSet:
+    """Fixed [gMASK] samples from held-out text: consecutive windows, each split at ``gmask_ratio``.
+
+    The scored targets are the Part-B text tokens; the final <eop> target is excluded because a
+    window ends at an arbitrary cut, which the model cannot know.
+    """
+
+    def __init__(self, ds: IndexedDataset, ids: SpecialIds, seq_length: int, gmask_ratio: float,
+                 max_samples: int, two_d: bool = False) -> None:
+        stream = TokenStream(ds, ids.eod)
+        window = seq_length - 2
+        n = stream.num_windows(window)
+        if n == 0:
+            raise ValueError(f"validation set {ds.prefix}: fewer tokens than one sequence of {seq_length}")
+        starts = np.linspace(0, n - 1, num=min(n, max_samples)).round().astype(np.int64) * window
+        self.samples = []
+        for s in starts:
+            smp = build_gmask_sample(stream.read(int(s), window), gmask_ratio, seq_length, ids, two_d)
+            last = int(np.nonzero(smp.loss_mask)[0][-1])
+            smp.loss_mask[last] = 0.0  # the <eop> target
+            self.samples.append(smp)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def collate(samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+    """Stack samples into a batch of tensors."""
+    return {
+        "input_ids": torch.from_numpy(np.stack([s.input_ids for s in samples])),
+        "position_ids": torch.from_numpy(np.stack([s.position_ids for s in samples])),
+        "prefix_lengths": torch.tensor([s.prefix_length for s in samples], dtype=torch.long),
+        "targets": torch.from_numpy(np.stack([s.targets for s in samples])),
+        "loss_mask": torch.from_numpy(np.stack([s.loss_mask for s in samples])),
+    }

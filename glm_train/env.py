@@ -1,0 +1,49 @@
+"""Process environment set-up that must happen before DeepSpeed is imported.
+
+CPU machines get ``DS_ACCELERATOR=cpu`` and gloo, single-process runs get rendezvous defaults
+(DeepSpeed otherwise tries MPI discovery), and the JIT-compiled shm op is switched off so that no
+compiler or ninja is ever needed (../shared/DEEPSPEED_CPU_NOTES.md).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def setup_environment() -> str:
+    """Prepare env vars and threads; returns the torch.distributed backend to use."""
+    cuda = has_cuda()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    if "RANK" not in os.environ:  # a plain `python`/console-script start: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import torch
+
+    if not cuda:
+        # Several ranks on few cores: oversubscription slows everything by an order of magnitude.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        if "OMP_NUM_THREADS" not in os.environ or local > 1:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+    import deepspeed.ops
+
+    # Built by init_distributed on CPU only for inference all-reduce; it needs a compiler.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return "nccl" if cuda else "gloo"

@@ -1,0 +1,75 @@
+"""The GLM model cut into DeepSpeed pipeline layers.
+
+The stages reuse the model's own blocks; only the calling convention changes: every layer takes
+and returns a tuple ``(hidden, position_ids, prefix_lengths)`` so that the integer side inputs
+travel with the activations between stages. The embedding is a tied layer: the first stage uses it
+for lookups, the last one as the output head (logits = h E^T).
+"""
+
+from __future__ import annotations
+
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from torch import nn
+
+from glm_train.config import ModelConfig, PositionEncoding
+from glm_train.model.embedding import GLMEmbedding
+from glm_train.model.layer import GLMBlock
+from glm_train.model.mask import prefix_lm_mask
+from glm_train.model.rope import rope_tables
+from glm_train.train.loss import glm_loss
+
+
+class EmbeddingPipe(GLMEmbedding):
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        input_ids, position_ids, prefix_lengths = inputs
+        return super().forward(input_ids), position_ids, prefix_lengths
+
+
+def _head(embedding: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
+    return embedding.logits(hidden)
+
+
+class BlockPipe(GLMBlock):
+    def __init__(self, cfg: ModelConfig, layer_number: int, seed: int) -> None:
+        super().__init__(cfg, layer_number, seed)
+        self.head_dim = cfg.hidden // cfg.heads
+        self.rope_base = cfg.rope_base
+        self.two_d = PositionEncoding(cfg.position_encoding) == PositionEncoding.rope_2d
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        hidden, position_ids, prefix_lengths = inputs
+        # Recomputed per layer: a few element-wise ops, cheaper than sending [S, S] masks between stages.
+        cos, sin = rope_tables(position_ids, self.head_dim, self.rope_base, self.two_d, hidden.dtype)
+        mask = prefix_lm_mask(prefix_lengths, hidden.shape[1])
+        return super().forward(hidden, cos, sin, mask), position_ids, prefix_lengths
+
+
+class FinalLayerNormPipe(nn.LayerNorm):
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(inputs[0])
+
+
+def glm_pipeline(cfg: ModelConfig, seed: int, topology, partition: str = "type:BlockPipe",
+                 activation_checkpoint_interval: int = 0) -> PipelineModule:
+    """Layer 0: embedding; 1..N: blocks; N+1: final LayerNorm; N+2: tied head."""
+    assert cfg.vocab_size is not None
+    specs = [TiedLayerSpec("embedding", EmbeddingPipe, cfg.vocab_size, cfg.hidden, std=cfg.init_std, seed=seed)]
+    specs += [LayerSpec(BlockPipe, cfg, i, seed) for i in range(cfg.layers)]
+    specs.append(LayerSpec(FinalLayerNormPipe, cfg.hidden, eps=cfg.layernorm_eps))
+    specs.append(TiedLayerSpec("embedding", EmbeddingPipe, cfg.vocab_size, cfg.hidden, std=cfg.init_std,
+                               seed=seed, forward_fn=_head))
+    return PipelineModule(layers=specs, loss_fn=glm_loss, topology=topology, partition_method=partition,
+                          activation_checkpoint_interval=activation_checkpoint_interval,
+                          checkpointable_layers=["BlockPipe"])
+
+
+def pipeline_to_model_key(layer_idx: int, name: str, num_layers: int) -> str | None:
+    """Map a pipeline layer's parameter name to the plain GLMModel's (None for the tied duplicate)."""
+    if layer_idx == 0:
+        return f"embedding.{name}"
+    if 1 <= layer_idx <= num_layers:
+        return f"layers.{layer_idx - 1}.{name}"
+    if layer_idx == num_layers + 1:
+        return f"final_layernorm.{name}"
+    return None
