@@ -150,6 +150,8 @@ class TrainConfig:
     """Global gradient-norm clipping threshold; 0 disables."""
     max_seconds: float | None = None
     """Stop (with a checkpoint) after this many seconds of training; None means no limit."""
+    exit_at_step: int | None = None
+    """Stop (with a checkpoint) after this step, as an interruption would; schedules still target iters."""
     progress: bool = True
     """Show a progress bar on rank 0."""
 

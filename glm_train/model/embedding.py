@@ -7,11 +7,24 @@ import torch
 from glm_train.parallel.layers import VocabParallelEmbedding, normal_init
 
 
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, alpha):  # type: ignore[override]
+        ctx.alpha = alpha
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        return g * ctx.alpha, None
+
+
 def shrink_gradient(x: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Embedding Gradient Shrink: the value is unchanged, the gradient reaching ``x`` is scaled by alpha."""
+    """Embedding Gradient Shrink, GLM-130B's ``x*alpha + x.detach()*(1-alpha)``: the value passes
+    unchanged and the gradient reaching ``x`` is scaled by alpha. Written as an autograd function so
+    the forward pass is bitwise the identity rather than equal up to rounding."""
     if alpha == 1.0:
         return x
-    return x * alpha + x.detach() * (1.0 - alpha)
+    return _ScaleGrad.apply(x, alpha)
 
 
 class GLMEmbedding(VocabParallelEmbedding):

@@ -1,0 +1,103 @@
+"""Checkpoint folders: ``checkpoints/step_XXXXXXX/`` written under a temporary name, then renamed,
+and a ``latest`` file replaced atomically last. A crash during a save leaves the previous
+checkpoint and ``latest`` intact; a leftover ``*.tmp`` folder is ignored and cleaned up.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+LATEST = "latest"
+
+
+def step_tag(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointManager:
+    """Save/load through the DeepSpeed engine with atomic publication and retention."""
+
+    def __init__(self, root: Path, engine: Any, keep_last: int = 0) -> None:
+        self.root, self.engine, self.keep_last = Path(root), engine, keep_last
+
+    def latest(self) -> Path | None:
+        f = self.root / LATEST
+        if not f.is_file():
+            return None
+        tag = f.read_text().strip()
+        path = self.root / tag
+        if not path.is_dir():
+            raise FileNotFoundError(f"{f} names {tag}, which does not exist: the checkpoint folder is damaged")
+        return path
+
+    def save(self, step: int, client_state: dict[str, Any]) -> Path:
+        tag = step_tag(step)
+        tmp_tag = tag + ".tmp"
+        rank0 = dist.get_rank() == 0
+        if rank0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.root / tmp_tag, ignore_errors=True)
+        dist.barrier()
+        self.engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state, save_latest=False)
+        dist.barrier()
+        final = self.root / tag
+        if rank0:
+            for f in (self.root / tmp_tag).rglob("*"):
+                if f.is_file():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+            if final.exists():  # the same step saved again (e.g. resumed at it): replace it whole
+                shutil.rmtree(final)
+            os.replace(self.root / tmp_tag, final)
+            _fsync_dir(self.root)
+            latest_tmp = self.root / (LATEST + ".tmp")
+            latest_tmp.write_text(tag + "\n")
+            with open(latest_tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(latest_tmp, self.root / LATEST)
+            _fsync_dir(self.root)
+            self._retain(tag)
+        dist.barrier()
+        return final
+
+    def _retain(self, newest: str) -> None:
+        steps = sorted(p for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for p in self.root.glob("step_*.tmp"):
+            shutil.rmtree(p, ignore_errors=True)
+        if self.keep_last > 0:
+            for p in steps[:-self.keep_last]:
+                if p.name != newest:
+                    shutil.rmtree(p, ignore_errors=True)
+
+    def load(self, path: str | None = None) -> dict[str, Any] | None:
+        """Load ``path`` (a step folder) or the latest checkpoint; returns its client state, or None."""
+        target = Path(path) if path else self.latest()
+        if target is None:
+            return None
+        if not target.is_dir():
+            raise FileNotFoundError(f"checkpoint.load={path}: no such checkpoint folder")
+        try:
+            load_path, client = self.engine.load_checkpoint(str(target.parent), tag=target.name,
+                                                            load_optimizer_states=True,
+                                                            load_lr_scheduler_states=True)
+        except Exception as e:  # noqa: BLE001 - torch/DeepSpeed raise many types for a damaged file
+            raise RuntimeError(f"cannot read checkpoint {target}: {type(e).__name__}: {e}") from e
+        if load_path is None or client is None:
+            raise RuntimeError(f"cannot read checkpoint {target}: DeepSpeed found no model states in it")
+        return client

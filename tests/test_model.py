@@ -1,0 +1,169 @@
+"""Model properties against independent references: the mask, RoPE, DeepNorm init, EGS, attention paths."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from glm_train.config import ModelConfig
+from glm_train.model import GLMModel
+from glm_train.model.deepnorm import deepnorm_constants
+from glm_train.model.embedding import shrink_gradient
+from glm_train.model.mask import prefix_lm_mask
+from glm_train.model.rope import apply_rope, rope_cos_sin
+
+V = 256
+
+
+def _model(**kw) -> GLMModel:
+    cfg = ModelConfig(vocab_size=V, layers=2, hidden=64, heads=4, seq_length=32, **kw)
+    torch.manual_seed(0)
+    return GLMModel(cfg, seed=7).eval()
+
+
+def test_mask_matches_definition():
+    m = prefix_lm_mask(torch.tensor([3, 0]), 6)
+    for b, prefix in enumerate([3, 0]):
+        for i in range(6):
+            for j in range(6):
+                assert bool(m[b, 0, i, j]) == (j < prefix or j <= i)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_part_b_never_changes_part_a(impl):
+    model = _model(attention_impl=impl)
+    ids = torch.randint(0, V, (1, 20))
+    prefix = torch.tensor([8])
+    base = model(ids, prefix_lengths=prefix)
+    changed = ids.clone()
+    changed[0, 15] = (changed[0, 15] + 1) % V  # a Part-B token
+    out = model(changed, prefix_lengths=prefix)
+    assert torch.equal(out[0, :8], base[0, :8])  # Part A: bitwise unchanged
+    assert torch.equal(out[0, 8:15], base[0, 8:15])  # earlier Part-B tokens: causal
+    assert not torch.allclose(out[0, 15:], base[0, 15:])
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_part_a_change_reaches_every_position(impl):
+    model = _model(attention_impl=impl)
+    ids = torch.randint(0, V, (1, 20))
+    prefix = torch.tensor([8])
+    base = model(ids, prefix_lengths=prefix)
+    changed = ids.clone()
+    changed[0, 6] = (changed[0, 6] + 1) % V  # late in Part A: earlier Part-A positions see it too
+    out = model(changed, prefix_lengths=prefix)
+    diff = (out - base).abs().amax(-1)[0]
+    assert (diff > 0).all(), diff
+
+
+def test_sdpa_equals_eager_fp32_softmax_with_layer_scaling():
+    a, b = _model(attention_impl="sdpa"), _model(attention_impl="eager")
+    b.load_state_dict(a.state_dict())
+    ids = torch.randint(0, V, (3, 24))
+    prefix = torch.tensor([0, 5, 24])
+    torch.testing.assert_close(a(ids, prefix_lengths=prefix), b(ids, prefix_lengths=prefix), rtol=1e-5, atol=1e-5)
+
+
+def test_rope_preserves_norm_and_depends_on_relative_position():
+    d = 16
+    q, k = torch.randn(1, 1, 1, d), torch.randn(1, 1, 1, d)
+
+    def rot(x, p):
+        cos, sin = rope_cos_sin(torch.tensor([[p]]), d)
+        return apply_rope(x, cos, sin)
+
+    for p in [0, 3, 100]:
+        torch.testing.assert_close(rot(q, p).norm(), q.norm())
+    dots = [float((rot(q, m) * rot(k, n)).sum()) for m, n in [(5, 2), (13, 10), (103, 100)]]
+    assert max(dots) - min(dots) < 1e-4
+    assert abs(float((rot(q, 5) * rot(k, 2)).sum()) - float((rot(q, 2) * rot(k, 5)).sum())) > 1e-4
+
+
+def test_rope_matches_complex_rotation_reference():
+    # Independent reference: rotate-half RoPE == multiplying (x_i, x_{i+d/2}) pairs by e^{i p theta_i}.
+    d, p = 8, 7
+    x = torch.randn(d)
+    cos, sin = rope_cos_sin(torch.tensor([[p]]), d)
+    got = apply_rope(x.view(1, 1, 1, d), cos, sin).view(d)
+    theta = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    z = torch.complex(x[: d // 2], x[d // 2:]) * torch.exp(1j * p * theta)
+    torch.testing.assert_close(got, torch.cat([z.real, z.imag]).float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["glm130b", "deepnet"])
+def test_deepnorm_init_scales(variant):
+    n = 6
+    cfg = ModelConfig(vocab_size=V, layers=n, hidden=256, heads=4, deepnorm=variant)
+    model = GLMModel(cfg)
+    alpha, beta = deepnorm_constants(n, variant)
+    if variant == "glm130b":
+        assert alpha == pytest.approx(math.sqrt(2 * n)) and beta == pytest.approx(1 / math.sqrt(2 * n))
+    else:
+        assert alpha == pytest.approx((2 * n) ** 0.25) and beta == pytest.approx((8 * n) ** -0.25)
+    d, f = cfg.hidden, cfg.ffn_size()
+    xavier = math.sqrt(2 / (d + d))
+    layer = model.layers[3]
+    assert layer.alpha == pytest.approx(alpha)
+    q, k, v = layer.attention.qkv.weight.chunk(3, dim=0)
+    for w, expect in [(q, xavier), (k, xavier), (v, beta * xavier), (layer.attention.dense.weight, beta * xavier)]:
+        assert float(w.detach().std()) == pytest.approx(expect, rel=0.05)
+    gate, up = layer.mlp.dense_in.weight.chunk(2, dim=0)
+    for w in (gate, up):
+        assert float(w.detach().std()) == pytest.approx(beta * math.sqrt(2 / (d + f)), rel=0.05)
+    assert float(layer.mlp.dense_out.weight.detach().std()) == pytest.approx(beta * math.sqrt(2 / (f + d)), rel=0.05)
+    for name, p in model.named_parameters():
+        if name.endswith("bias") and "layernorm" not in name:
+            assert torch.count_nonzero(p) == 0, name
+
+
+def test_ffn_is_eight_thirds_and_all_linears_have_bias():
+    cfg = ModelConfig(vocab_size=V, layers=1, hidden=192, heads=4)
+    assert cfg.ffn_size() == 512  # 8/3 * 192, a multiple of 64
+    model = GLMModel(cfg)
+    for mod in [model.layers[0].attention.qkv, model.layers[0].attention.dense,
+                model.layers[0].mlp.dense_in, model.layers[0].mlp.dense_out]:
+        assert mod.bias is not None
+
+
+def test_output_head_is_tied_to_embedding():
+    model = _model()
+    h = torch.randn(1, 3, 64)
+    torch.testing.assert_close(model.embedding.logits(h), h @ model.embedding.weight.T)
+
+
+def test_egs_keeps_forward_and_scales_gradient():
+    x = torch.randn(4, 8, requires_grad=True)
+    y = shrink_gradient(x, 0.1)
+    assert torch.equal(y, x)
+    g = torch.randn(4, 8)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, 0.1 * g)
+
+
+def test_egs_scales_embedding_lookup_gradient_in_model():
+    # Only the lookup path is shrunk: compare against alpha=1 with the head gradient removed.
+    grads = {}
+    for alpha in (1.0, 0.25):
+        model = _model()
+        model.embedding.egs_alpha = alpha
+        ids = torch.randint(0, V, (2, 10))
+        emb = model.embedding(ids)
+        emb.pow(2).sum().backward()
+        grads[alpha] = model.embedding.weight.grad.clone()
+        out_ref = torch.nn.functional.embedding(ids, model.embedding.weight)
+        assert torch.equal(emb, out_ref)
+    torch.testing.assert_close(grads[0.25], 0.25 * grads[1.0])
+
+
+def test_two_d_positions_run_and_differ_from_1d():
+    m1, m2 = _model(), _model(position_encoding="rope_2d")
+    m2.load_state_dict(m1.state_dict())
+    ids = torch.randint(0, V, (1, 12))
+    pos2 = torch.stack([torch.arange(12), torch.zeros(12, dtype=torch.long)]).unsqueeze(0)
+    pos2[0, 0, 8:] = 7
+    pos2[0, 1, 8:] = torch.arange(1, 5)
+    out = m2(ids, position_ids=pos2, prefix_lengths=torch.tensor([8]))
+    assert out.shape == (1, 12, V)
+    assert not torch.allclose(out, m1(ids, prefix_lengths=torch.tensor([8])))
