@@ -25,9 +25,14 @@ Outputs in ``out_dir`` (default ``data/demo``):
 * ``en_train``, ``en_val``, ``zh_train``, ``zh_val``: indexed datasets
   (:mod:`glm_train.data.indexed`). Documents are stored WITHOUT ``<eod>``; the
   sample builder appends it.
-* ``stats.json``: docs/tokens/chars per split, chars per token, and
-  ``unigram_en``/``unigram_zh``: the empirical unigram entropy (nats/token)
-  of each validation token stream, a reference point for validation loss.
+* ``stats.json``: docs/tokens/chars per split, chars per token, and per language
+  ``unigram_<lang>``: the unigram cross-entropy (nats/token) of the validation
+  token stream under the training split's token frequencies (add-0.5
+  smoothing over the tokenizer's vocabulary): the loss of the best model that
+  ignores context, the reference point for validation loss. Also
+  ``unigram_plugin_<lang>``: the validation stream's own empirical entropy, a
+  lower bound that no model trained without the validation text can reach
+  (it is biased low on small samples, much so for Chinese).
 * ``done``: written last; marks a complete preparation.
 """
 
@@ -185,6 +190,16 @@ def unigram_entropy(tokens: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+def unigram_cross_entropy(train: np.ndarray, val: np.ndarray, vocab_size: int, smoothing: float = 0.5) -> float:
+    """Cross-entropy (nats/token) of ``val`` under the add-``smoothing`` unigram model of ``train``."""
+    train, val = np.asarray(train).astype(np.int64), np.asarray(val).astype(np.int64)
+    if val.size == 0:
+        return 0.0
+    counts = np.bincount(train, minlength=vocab_size).astype(np.float64)
+    logp = np.log((counts + smoothing) / (counts.sum() + smoothing * vocab_size))
+    return float(-logp[val].mean())
+
+
 def split_stats(docs: Sequence[str], ds: IndexedDataset) -> dict[str, Any]:
     """Counts for one split (chars are Unicode code points)."""
     chars = sum(len(d) for d in docs)
@@ -276,9 +291,11 @@ def prepare_demo(out_dir: str | Path = "data/demo", force: bool = False) -> dict
         _log(f"wrote {prefix} ({time.perf_counter() - t:.1f}s)")
 
     stats_path = out / "stats.json"
+    stats: dict[str, Any] = {}
     if done.is_file() and stats_path.is_file():
-        stats: dict[str, Any] = json.loads(stats_path.read_text(encoding="utf-8"))
-    else:
+        stats = json.loads(stats_path.read_text(encoding="utf-8"))
+    # Stats written by an older version lack the plug-in figures: recompute them.
+    if not all(f"unigram_plugin_{lang}" in stats for lang in ("en", "zh")):
         stats = _compute_stats(out, tok, documents())
         tmp = stats_path.with_name(f"stats.json.tmp.{os.getpid()}")
         tmp.write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -312,5 +329,8 @@ def _compute_stats(out: Path, tok: GLMTokenizer, docs: dict[str, list[str]]) -> 
             per[split] = split_stats(docs[f"{lang}_{split}"], ds)
         stats[lang] = per
         val = IndexedDataset(out / f"{lang}_val")
-        stats[f"unigram_{lang}"] = unigram_entropy(np.asarray(val.tokens))
+        train = IndexedDataset(out / f"{lang}_train")
+        stats[f"unigram_{lang}"] = unigram_cross_entropy(np.asarray(train.tokens), np.asarray(val.tokens),
+                                                         tok.vocab_size)
+        stats[f"unigram_plugin_{lang}"] = unigram_entropy(np.asarray(val.tokens))
     return stats

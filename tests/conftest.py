@@ -42,7 +42,7 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     rng = random.Random(0)
     splits = {"en_train": _docs(rng, 60, "en"), "en_val": _docs(rng, 6, "en"),
               "zh_train": _docs(rng, 60, "zh"), "zh_val": _docs(rng, 6, "zh")}
-    model = train_sentencepiece(splits["en_train"] + splits["zh_train"], out / "tok", vocab_size=300)
+    model = train_sentencepiece(splits["en_train"] + splits["zh_train"], out / "tok", vocab_size=400)
     tok = GLMTokenizer(model)
     for name, docs in splits.items():
         write_indexed_dataset(out / name, [tok.encode(d) for d in docs], tok.vocab_size, tok.fingerprint())

@@ -3,7 +3,8 @@
 The stages reuse the model's own blocks; only the calling convention changes: every layer takes
 and returns a tuple ``(hidden, position_ids, prefix_lengths)`` so that the integer side inputs
 travel with the activations between stages. The embedding is a tied layer: the first stage uses it
-for lookups, the last one as the output head (logits = h E^T).
+for lookups; the last stage holds it too, and the loss (GLMHeadLoss) applies it as the output head
+(logits = h E^T) on the Part-B positions only.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from glm_train.model.embedding import GLMEmbedding
 from glm_train.model.layer import GLMBlock
 from glm_train.model.mask import prefix_lm_mask
 from glm_train.model.rope import rope_tables
-from glm_train.train.loss import glm_loss
+from glm_train.train.loss import GLMHeadLoss
 
 
 class EmbeddingPipe(GLMEmbedding):
@@ -26,8 +27,10 @@ class EmbeddingPipe(GLMEmbedding):
         return super().forward(input_ids), position_ids, prefix_lengths
 
 
-def _head(embedding: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
-    return embedding.logits(hidden)
+def _hold_for_head(embedding: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
+    # Keeps the tied embedding on the last stage (DeepSpeed then syncs its gradient with the first
+    # stage); the projection itself happens in GLMHeadLoss, on the scored positions only.
+    return hidden
 
 
 class BlockPipe(GLMBlock):
@@ -58,10 +61,13 @@ def glm_pipeline(cfg: ModelConfig, seed: int, topology, partition: str = "type:B
     specs += [LayerSpec(BlockPipe, cfg, i, seed) for i in range(cfg.layers)]
     specs.append(LayerSpec(FinalLayerNormPipe, cfg.hidden, eps=cfg.layernorm_eps))
     specs.append(TiedLayerSpec("embedding", EmbeddingPipe, cfg.vocab_size, cfg.hidden, std=cfg.init_std,
-                               seed=seed, forward_fn=_head))
-    return PipelineModule(layers=specs, loss_fn=glm_loss, topology=topology, partition_method=partition,
-                          activation_checkpoint_interval=activation_checkpoint_interval,
-                          checkpointable_layers=["BlockPipe"])
+                               seed=seed, forward_fn=_hold_for_head))
+    module = PipelineModule(layers=specs, topology=topology, partition_method=partition,
+                            activation_checkpoint_interval=activation_checkpoint_interval,
+                            checkpointable_layers=["BlockPipe"])
+    if module.stage_id == module.num_stages - 1:
+        module.loss_fn = GLMHeadLoss(module.tied_modules["embedding"])
+    return module
 
 
 def pipeline_to_model_key(layer_idx: int, name: str, num_layers: int) -> str | None:

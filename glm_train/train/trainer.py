@@ -26,7 +26,6 @@ from glm_train.data.indexed import IndexedDataset, check_fingerprint
 from glm_train.data.tokenizer import GLMTokenizer
 from glm_train.train.checkpoint import CheckpointManager
 from glm_train.train.engine import build_engine, data_parallel_size
-from glm_train.train.loss import masked_token_losses
 from glm_train.train.metrics import MetricsWriter, plot_losses
 from glm_train.train.schedules import EGSSchedule
 
@@ -189,10 +188,10 @@ class Trainer:
             total, count = 0.0, 0.0
             for i in range(0, len(vs), mb):
                 b = collate(vs.samples[i:i + mb])
-                logits = module((b["input_ids"], b["position_ids"], b["prefix_lengths"]))
-                losses = masked_token_losses(logits, b["targets"])
-                total += float((losses * b["loss_mask"]).sum())
-                count += float(b["loss_mask"].sum())
+                hidden = module((b["input_ids"], b["position_ids"], b["prefix_lengths"]))
+                losses, weights = module.loss_fn.scored(hidden, b["targets"], b["loss_mask"])
+                total += float((losses * weights).sum())
+                count += float(weights.sum())
             out[f"val_loss_{name}"] = total / max(count, 1.0)
         module.train(was_training)
         return out

@@ -1,0 +1,92 @@
+"""End-to-end training through the real CLI, DeepSpeed engine and files (one process, gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, data_overrides
+
+pytestmark = pytest.mark.slow
+
+COMMON = ["model=tiny", "train.iters=20", "train.micro_batch=4", "train.global_batch=8", "train.lr=3e-3",
+          "train.warmup_iters=2", "checkpoint.every=5", "eval.every=10", "eval.max_samples=8",
+          "model.dropout=0.1", "train.progress=false"]
+
+
+def _run(module: str, args: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    r = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                       timeout=300, env=env)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{module} {args} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+def _train(tiny_data, run_dir: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    return _run("glm_train.cli.train", [*data_overrides(tiny_data), *COMMON, f"run.dir={run_dir}", *extra], check)
+
+
+def _steps(run_dir: Path) -> list[dict]:
+    recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_data, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "full"
+    _train(tiny_data, run_dir)
+    return run_dir
+
+
+def test_loss_falls_and_outputs_are_written(full_run):
+    steps = _steps(full_run)
+    assert [r["step"] for r in steps] == list(range(1, 21))
+    for key in ("step", "loss", "lr", "grad_norm", "consumed_samples", "tokens_per_s", "elapsed_s"):
+        assert all(key in r for r in steps), key
+    assert steps[-1]["consumed_samples"] == 160
+    first, last = sum(r["loss"] for r in steps[:3]) / 3, sum(r["loss"] for r in steps[-3:]) / 3
+    assert last < first - 0.5, (first, last)
+    evals = [json.loads(ln) for ln in (full_run / "metrics.jsonl").read_text().splitlines() if "val_loss_en" in ln]
+    assert [e["step"] for e in evals] == [0, 10, 20]
+    assert evals[-1]["val_loss_en"] < evals[0]["val_loss_en"] and evals[-1]["val_loss_zh"] < evals[0]["val_loss_zh"]
+    assert (full_run / "config.yaml").is_file() and (full_run / "loss.png").stat().st_size > 1000
+    assert (full_run / "checkpoints" / "latest").read_text().strip() == "step_0000020"
+    kept = sorted(p.name for p in (full_run / "checkpoints").glob("step_*"))
+    assert kept == ["step_0000010", "step_0000015", "step_0000020"]  # checkpoint.keep_last=3
+
+
+def test_stop_and_resume_gives_identical_losses(tiny_data, full_run, tmp_path):
+    run_dir = tmp_path / "resumed"
+    first = _train(tiny_data, run_dir, "train.exit_at_step=10")
+    assert "stopping at step 10" in first.stdout + first.stderr
+    assert [r["step"] for r in _steps(run_dir)] == list(range(1, 11))
+    second = _train(tiny_data, run_dir)
+    assert "resumed from step 10" in second.stdout + second.stderr
+    a, b = _steps(full_run), _steps(run_dir)
+    assert [r["step"] for r in b] == list(range(1, 21))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bitwise, dropout included
+    assert [r["grad_norm"] for r in a] == [r["grad_norm"] for r in b]
+    assert [r["lr"] for r in a] == [r["lr"] for r in b]
+
+
+def test_resume_refuses_a_different_model(tiny_data, full_run, tmp_path):
+    run_dir = tmp_path / "refuse"
+    _train(tiny_data, run_dir, "train.exit_at_step=5")
+    r = _train(tiny_data, run_dir, "model.layers=3", check=False)
+    assert r.returncode != 0 and "model config differs" in r.stderr
+
+
+def test_generate_from_run_dir(full_run):
+    r = _run("glm_train.cli.generate", [f"checkpoint={full_run}", "prompt=the lord",
+                                        "sampling.max_new_tokens=8"])
+    assert r.stdout.startswith("the lord")
+    r = _run("glm_train.cli.generate", [f"checkpoint={full_run}", "prompt=却说", "sampling.temperature=0"])
+    assert r.stdout.startswith("却说")
+    r = _run("glm_train.cli.generate", ["checkpoint=/nonexistent", "prompt=x"], check=False)
+    assert r.returncode == 1 and "/nonexistent" in r.stderr
