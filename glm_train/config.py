@@ -149,7 +149,8 @@ class TrainConfig:
     clip_grad: float = 1.0
     """Global gradient-norm clipping threshold; 0 disables."""
     max_seconds: float | None = None
-    """Stop (with a checkpoint) after this many seconds of training; None means no limit."""
+    """Stop (with a checkpoint) after this many seconds of training steps in this process (evaluation
+    and checkpointing not counted); None means no limit."""
     exit_at_step: int | None = None
     """Stop (with a checkpoint) after this step, as an interruption would; schedules still target iters."""
     progress: bool = True

@@ -90,3 +90,37 @@ def test_generate_from_run_dir(full_run):
     assert r.stdout.startswith("却说")
     r = _run("glm_train.cli.generate", ["checkpoint=/nonexistent", "prompt=x"], check=False)
     assert r.returncode == 1 and "/nonexistent" in r.stderr
+
+
+def test_bf16_trains_with_wandb_offline(tiny_data, tmp_path):
+    run_dir = tmp_path / "bf16"
+    _train(tiny_data, run_dir, "precision=bf16", "train.iters=12", "eval.every=6", "run.wandb=true")
+    steps = _steps(run_dir)
+    assert len(steps) == 12
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.3
+    assert all(r["grad_norm"] is not None and r["grad_norm"] > 0 for r in steps)
+    assert list((run_dir / "wandb").glob("offline-run-*")), "wandb should log offline into the run dir"
+
+
+def test_plain_model_from_checkpoint_reproduces_validation_loss(full_run):
+    # The DeepSpeed pipeline (head inside the loss, Part-B positions only) and the plain GLMModel
+    # loaded from its checkpoint without DeepSpeed must agree on the final validation loss.
+    import torch
+
+    from glm_train.data.dataset import ValidationSet, collate
+    from glm_train.data.indexed import IndexedDataset
+    from glm_train.infer.loading import load_trained
+    from glm_train.train.loss import masked_token_losses
+    from glm_train.train.trainer import special_ids
+
+    model, tok, cfg = load_trained(full_run)
+    final = [json.loads(ln) for ln in (full_run / "metrics.jsonl").read_text().splitlines() if "val_loss_en" in ln][-1]
+    for name, prefix in cfg.data.valid.items():
+        vs = ValidationSet(IndexedDataset(prefix), special_ids(tok), cfg.model.seq_length, cfg.eval.gmask_ratio,
+                           cfg.eval.max_samples)
+        b = collate(vs.samples)
+        with torch.no_grad():
+            logits = model(b["input_ids"], b["position_ids"], b["prefix_lengths"])
+        losses = masked_token_losses(logits, b["targets"])
+        val = float((losses * b["loss_mask"]).sum() / b["loss_mask"].sum())
+        assert abs(val - final[f"val_loss_{name}"]) < 1e-4, (name, val, final)

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-PROMPTS = {"en": "And God said unto Moses,", "zh": "却说曹操"}
+PROMPTS = {"en": "And God said unto Moses,", "zh": "却说曹操引兵"}
 
 
 def demo(overrides: list[str]) -> int:

@@ -6,15 +6,19 @@ import sys
 
 
 def train(overrides: list[str]) -> int:
-    """Usage: glm-train [KEY=VALUE ...]   e.g. glm-train model=toy train.iters=200 run.dir=runs/demo
+    """Usage: glm-train [--config-name=NAME] [KEY=VALUE ...]
+    e.g. glm-train model=toy train.iters=200 run.dir=runs/demo
+         glm-train --config-name=demo run.dir=runs/mydemo
 
-    Keys and their meaning: glm_train/config.py. Re-running with the same run.dir resumes from its
-    latest checkpoint.
+    NAME is a file in configs/ (default: config). Keys and their meaning: glm_train/config.py.
+    Re-running with the same run.dir resumes from its latest checkpoint.
     """
     from glm_train.config import load_config
 
+    names = [o.split("=", 1)[1] for o in overrides if o.startswith("--config-name=")]
+    overrides = [o for o in overrides if not o.startswith("--config-name=")]
     # Validate before anything heavy is imported or any process group exists.
-    cfg = load_config(overrides)
+    cfg = load_config(overrides, config_name=names[-1] if names else "config")
     from glm_train.env import setup_environment
 
     backend = setup_environment()

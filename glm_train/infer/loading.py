@@ -16,7 +16,7 @@ from glm_train.config import GLMConfig, from_yaml
 from glm_train.data.tokenizer import GLMTokenizer
 from glm_train.model import GLMModel
 from glm_train.train.checkpoint import CheckpointManager
-from glm_train.train.pipeline import pipeline_to_model_key
+from glm_train.train.layer_map import pipeline_to_model_key
 
 _LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt$")
 

@@ -68,14 +68,3 @@ def glm_pipeline(cfg: ModelConfig, seed: int, topology, partition: str = "type:B
     if module.stage_id == module.num_stages - 1:
         module.loss_fn = GLMHeadLoss(module.tied_modules["embedding"])
     return module
-
-
-def pipeline_to_model_key(layer_idx: int, name: str, num_layers: int) -> str | None:
-    """Map a pipeline layer's parameter name to the plain GLMModel's (None for the tied duplicate)."""
-    if layer_idx == 0:
-        return f"embedding.{name}"
-    if 1 <= layer_idx <= num_layers:
-        return f"layers.{layer_idx - 1}.{name}"
-    if layer_idx == num_layers + 1:
-        return f"final_layernorm.{name}"
-    return None

@@ -187,7 +187,7 @@ class Trainer:
         for name, vs in self.valid.items():
             total, count = 0.0, 0.0
             for i in range(0, len(vs), mb):
-                b = collate(vs.samples[i:i + mb])
+                b = {k: v.to(self.engine.device) for k, v in collate(vs.samples[i:i + mb]).items()}
                 hidden = module((b["input_ids"], b["position_ids"], b["prefix_lengths"]))
                 losses, weights = module.loss_fn.scored(hidden, b["targets"], b["loss_mask"])
                 total += float((losses * weights).sum())
@@ -207,7 +207,7 @@ class Trainer:
         if self.state.step == 0 and evaluate_every > 0:
             self._log({"step": 0, **self.evaluate(), "elapsed_s": 0.0})
         bar = self._progress()
-        start_wall = time.perf_counter()
+        start_elapsed = self.state.elapsed_s
         last_saved = self.state.step
         while self.state.step < t.iters:
             rec = self.train_step()
@@ -215,7 +215,8 @@ class Trainer:
                 raise FloatingPointError(f"non-finite loss at step {rec['step']}: {rec['loss']}")
             if self.state.step % cfg.run.log_every == 0 or self.state.step == t.iters:
                 self._log(rec)
-            out_of_time = t.max_seconds is not None and time.perf_counter() - start_wall >= t.max_seconds
+            # Training seconds of this process (evaluation and checkpointing excluded).
+            out_of_time = t.max_seconds is not None and self.state.elapsed_s - start_elapsed >= t.max_seconds
             interrupted = out_of_time or self.state.step == t.exit_at_step
             last = self.state.step == t.iters or interrupted
             if evaluate_every > 0 and (self.state.step % evaluate_every == 0 or self.state.step == t.iters
@@ -226,7 +227,7 @@ class Trainer:
                 last_saved = self.state.step
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.1e}")
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.1e}", refresh=False)
             if interrupted:
                 if self.rank == 0:
                     why = f"train.max_seconds={t.max_seconds}" if out_of_time else f"train.exit_at_step={t.exit_at_step}"
