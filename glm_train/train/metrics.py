@@ -52,9 +52,11 @@ def plot_losses(metrics_path: Path, out: Path) -> None:
                   for i in range(len(losses))]
         ax.plot(steps, smooth, color="tab:blue", label=f"train (mean of {k})")
     keys = sorted({k for r in recs for k in r if k.startswith("val_loss_")})
-    for key in keys:
+    colors = ["tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    for i, key in enumerate(keys):
         pts = [(r["step"], r[key]) for r in recs if key in r]
-        ax.plot(*zip(*pts), marker="o", markersize=3, label=key.replace("val_loss_", "val "))
+        ax.plot(*zip(*pts), marker="o", markersize=3, color=colors[i % len(colors)],
+                label=key.replace("val_loss_", "val "))
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
