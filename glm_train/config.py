@@ -193,6 +193,12 @@ class ParallelConfig:
     """ZeRO stage (0 or 1; 2/3 are refused by DeepSpeed's pipeline engine)."""
     activation_checkpoint_interval: int = 0
     """Recompute every this many transformer layers; 0 disables."""
+    partition: str = "glm"
+    """Pipeline stage partitioning: glm (blocks spread evenly with the embedding and the head each
+    counted as one block, so the first and last stages hold one block fewer, as GLM-130B's 70 = 9x8-2),
+    uniform, parameters, or type:REGEX (DeepSpeed's methods)."""
+    sequence_parallel: bool = False
+    """Megatron-style sequence parallelism of LayerNorm/dropout regions (not implemented yet)."""
 
 
 @dataclass
@@ -369,6 +375,9 @@ def validate(cfg: GLMConfig, check_paths: bool = True) -> None:
     # across pipeline stages: refuse rather than train something silently wrong.
     _require(p.tp == 1, "parallel.tp", f"allowed value is 1 until 3D parallelism lands, got {p.tp}")
     _require(p.pp == 1, "parallel.pp", f"allowed value is 1 until 3D parallelism lands, got {p.pp}")
+    _require(p.partition in ("glm", "uniform", "parameters") or p.partition.startswith("type:"),
+             "parallel.partition", f"allowed values are glm, uniform, parameters, type:REGEX; got {p.partition}")
+    _require(not p.sequence_parallel, "parallel.sequence_parallel", "allowed value is false (not implemented yet)")
     _require(p.zero_stage in (0, 1), "parallel.zero_stage",
              f"allowed values are 0 or 1 (DeepSpeed refuses ZeRO-2/3 with pipelines), got {p.zero_stage}")
     _require(t.global_batch % t.micro_batch == 0, "train.global_batch",
