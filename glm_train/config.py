@@ -371,10 +371,6 @@ def validate(cfg: GLMConfig, check_paths: bool = True) -> None:
     _require(m.pad_vocab_multiple % p.tp == 0, "model.pad_vocab_multiple",
              f"must be divisible by parallel.tp={p.tp}, got {m.pad_vocab_multiple}")
     _require(p.pp <= m.layers, "parallel.pp", f"must be <= model.layers={m.layers}, got {p.pp}")
-    # The building blocks are TP-ready, but the trainer does not yet create the TP group or evaluate
-    # across pipeline stages: refuse rather than train something silently wrong.
-    _require(p.tp == 1, "parallel.tp", f"allowed value is 1 until 3D parallelism lands, got {p.tp}")
-    _require(p.pp == 1, "parallel.pp", f"allowed value is 1 until 3D parallelism lands, got {p.pp}")
     _require(p.partition in ("glm", "uniform", "parameters") or p.partition.startswith("type:"),
              "parallel.partition", f"allowed values are glm, uniform, parameters, type:REGEX; got {p.partition}")
     _require(not p.sequence_parallel, "parallel.sequence_parallel", "allowed value is false (not implemented yet)")

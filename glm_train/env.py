@@ -37,6 +37,9 @@ def setup_environment() -> str:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     import torch
 
+    if cuda:
+        # Before any group, RNG or tensor touches the GPU: rank-local state lives on its own device.
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     if not cuda:
         # Several ranks on few cores: oversubscription slows everything by an order of magnitude.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))

@@ -22,7 +22,6 @@ from tests.conftest import REPO, data_overrides
     (["train.global_batch=12", "train.micro_batch=8"], "train.global_batch"),
     (["stability.egs=[[0,0.1],[10]]"], "stability.egs"),
     (["model.dropout=1.5"], "model.dropout"),
-    (["parallel.tp=2"], "parallel.tp"),
     (["model.heads=4", "parallel.tp=3"], "parallel.tp"),
 ])
 def test_bad_values_name_the_key(tiny_data, overrides, needle):

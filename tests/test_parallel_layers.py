@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from glm_train.parallel.cross_entropy import vocab_parallel_cross_entropy
 from glm_train.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -20,6 +21,7 @@ from glm_train.parallel.layers import (
     normal_init,
     xavier_normal_init,
 )
+from glm_train.parallel.random import TPRandom
 from glm_train.parallel.state import set_tensor_parallel_group
 
 pytestmark = pytest.mark.slow
@@ -81,6 +83,34 @@ def _check(rank: int) -> None:
     torch.testing.assert_close(emb(ids), F.embedding(ids, we))
     h = torch.randn(2, 4, 4)
     torch.testing.assert_close(emb.logits(h), h @ we.T, rtol=1e-5, atol=1e-5)
+
+    # Vocab-parallel cross-entropy against torch's on the full logits, value and gradient.
+    full = torch.randn(6, 10, dtype=torch.float32)
+    target = torch.tensor([0, 4, 5, 9, 3, 7])  # ids on both ranks' slices
+    local = full.chunk(WORLD, dim=-1)[rank].clone().requires_grad_(True)
+    loss = vocab_parallel_cross_entropy(local, target)
+    ref_in = full.clone().requires_grad_(True)
+    ref = F.cross_entropy(ref_in, target, reduction="none")
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    w = torch.arange(1, 7, dtype=torch.float32)
+    (loss * w).sum().backward()
+    (ref * w).sum().backward()
+    torch.testing.assert_close(local.grad, ref_in.grad.chunk(WORLD, dim=-1)[rank], rtol=1e-6, atol=1e-6)
+
+    # TP-aware RNG: the default stream agrees across TP ranks, the forked (sharded) one differs.
+    rng = TPRandom()
+    rng.seed(1234, pp_rank=0, tp_rank=rank)
+    replicated = torch.rand(8)
+    with rng.fork():
+        sharded = torch.rand(8)
+    after = torch.rand(8)  # the fork leaves the default stream where it was
+    gathered = [torch.empty(24) for _ in range(WORLD)]
+    dist.all_gather(gathered, torch.cat([replicated, sharded, after]))
+    assert torch.equal(gathered[0][:8], gathered[1][:8])
+    assert not torch.equal(gathered[0][8:16], gathered[1][8:16])
+    assert torch.equal(gathered[0][16:], gathered[1][16:])
+    torch.manual_seed(1234)
+    torch.testing.assert_close(torch.cat([torch.rand(8), torch.rand(8)]), torch.cat([replicated, after]))
 
 
 def test_tp2_blocks_match_plain_torch():

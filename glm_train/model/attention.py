@@ -9,6 +9,7 @@ from torch import nn
 from glm_train.config import AttentionImpl, ModelConfig, PositionEncoding
 from glm_train.model.rope import apply_rope_any
 from glm_train.parallel.layers import ColumnParallelLinear, RowParallelLinear, xavier_normal_init
+from glm_train.parallel.random import TP_RANDOM
 from glm_train.parallel.state import tp_world_size
 
 
@@ -36,12 +37,14 @@ class SelfAttention(nn.Module):
         q = apply_rope_any(q, cos, sin, self.two_d)
         k = apply_rope_any(k, cos, sin, self.two_d)
         p = self.attention_dropout if self.training else 0.0
-        if self.impl == AttentionImpl.sdpa:
-            # SDPA kernels accumulate the softmax in FP32 whatever the input dtype, which is what
-            # query-key layer scaling protects in the eager path.
-            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        else:
-            ctx = self._eager(q, k, v, mask, p)
+        # Heads are sharded over TP ranks: their dropout masks come from the per-rank stream.
+        with TP_RANDOM.fork():
+            if self.impl == AttentionImpl.sdpa:
+                # SDPA kernels accumulate the softmax in FP32 whatever the input dtype, which is what
+                # query-key layer scaling protects in the eager path.
+                ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+            else:
+                ctx = self._eager(q, k, v, mask, p)
         return self.dense(ctx.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
 
     def _eager(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,

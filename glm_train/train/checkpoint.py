@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 LATEST = "latest"
@@ -46,7 +47,8 @@ class CheckpointManager:
             raise FileNotFoundError(f"{f} names {tag}, which does not exist: the checkpoint folder is damaged")
         return path
 
-    def save(self, step: int, client_state: dict[str, Any]) -> Path:
+    def save(self, step: int, client_state: dict[str, Any], rank_state: dict[str, Any]) -> Path:
+        """Save; ``client_state`` is shared by all ranks, ``rank_state`` (RNG streams) is per rank."""
         tag = step_tag(step)
         tmp_tag = tag + ".tmp"
         rank0 = dist.get_rank() == 0
@@ -55,6 +57,7 @@ class CheckpointManager:
             shutil.rmtree(self.root / tmp_tag, ignore_errors=True)
         dist.barrier()
         self.engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state, save_latest=False)
+        torch.save(rank_state, self.root / tmp_tag / f"rank_state_{dist.get_rank():05d}.pt")
         dist.barrier()
         final = self.root / tag
         if rank0:
@@ -85,8 +88,11 @@ class CheckpointManager:
                 if p.name != newest:
                     shutil.rmtree(p, ignore_errors=True)
 
-    def load(self, path: str | None = None) -> dict[str, Any] | None:
-        """Load ``path`` (a step folder) or the latest checkpoint; returns its client state, or None."""
+    def load(self, path: str | None = None) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """Load ``path`` (a step folder) or the latest checkpoint.
+
+        Returns (client state, this rank's state), or None when there is nothing to resume from.
+        """
         target = Path(path) if path else self.latest()
         if target is None:
             return None
@@ -100,4 +106,8 @@ class CheckpointManager:
             raise RuntimeError(f"cannot read checkpoint {target}: {type(e).__name__}: {e}") from e
         if load_path is None or client is None:
             raise RuntimeError(f"cannot read checkpoint {target}: DeepSpeed found no model states in it")
-        return client
+        rank_file = target / f"rank_state_{dist.get_rank():05d}.pt"
+        if not rank_file.is_file():
+            raise RuntimeError(f"cannot resume from {target}: {rank_file.name} is missing (saved with another "
+                               "world size? resharding is not supported yet)")
+        return client, torch.load(rank_file, map_location="cpu", weights_only=False)

@@ -7,10 +7,12 @@ from typing import Any
 
 import deepspeed
 import torch
-from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from torch.optim.lr_scheduler import LambdaLR
 
 from glm_train.config import GLMConfig, Precision
+from glm_train.parallel.grad_norm import clip_grad_norm
+from glm_train.parallel.random import TP_RANDOM
+from glm_train.parallel.topology import ParallelState
 from glm_train.train.pipeline import glm_pipeline
 from glm_train.train.schedules import lr_at
 
@@ -46,12 +48,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_engine(cfg: GLMConfig, backend: str) -> deepspeed.PipelineEngine:
-    """Initialize the process group, build the pipeline module, optimizer, LR schedule and engine."""
+def build_engine(cfg: GLMConfig, backend: str) -> tuple[deepspeed.PipelineEngine, ParallelState]:
+    """Initialize the process groups, build the pipeline module, optimizer, LR schedule and engine."""
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    dp = data_parallel_size(cfg)
-    topo = PipeModelDataParallelTopology(num_pp=cfg.parallel.pp, num_mp=cfg.parallel.tp, num_dp=dp)
-    module = glm_pipeline(cfg.model, cfg.train.seed, topo,
+    par = ParallelState(cfg.parallel.tp, cfg.parallel.pp, data_parallel_size(cfg))
+    TP_RANDOM.seed(cfg.train.seed, par.get_pipeline_model_parallel_rank(), par.get_tensor_model_parallel_rank())
+    module = glm_pipeline(cfg.model, cfg.train.seed, par.topology, partition=cfg.parallel.partition,
                           activation_checkpoint_interval=cfg.parallel.activation_checkpoint_interval)
     t = cfg.train
     optimizer = torch.optim.AdamW(param_groups(module, t.weight_decay), lr=t.lr,
@@ -67,4 +69,17 @@ def build_engine(cfg: GLMConfig, backend: str) -> deepspeed.PipelineEngine:
         g["initial_lr"] = t.lr
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg))
-    return engine
+    if cfg.parallel.zero_stage == 0 and cfg.precision == Precision.fp32 and t.clip_grad > 0:
+        _own_fp32_clipping(engine, par, t.clip_grad)
+    return engine, par
+
+
+def _own_fp32_clipping(engine: deepspeed.PipelineEngine, par: ParallelState, max_norm: float) -> None:
+    """Replace DeepSpeed's fp32 no-ZeRO clipping, which miscounts parameters across pipeline stages."""
+    group = par.get_model_parallel_group()
+    tp_rank = par.get_tensor_model_parallel_rank()
+
+    def clip() -> None:
+        engine._global_grad_norm = clip_grad_norm(engine.module.parameters(), max_norm, tp_rank, group)
+
+    engine.clip_fp32_gradients = clip

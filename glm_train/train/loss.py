@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glm_train.parallel.cross_entropy import vocab_parallel_cross_entropy
+
 
 def masked_token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-token cross-entropy, same shape as ``targets``, in FP32 whatever the logits' dtype."""
@@ -34,10 +36,17 @@ class GLMHeadLoss(nn.Module):
         """(per-token losses, weights) of the scored positions only."""
         sel = loss_mask.reshape(-1) != 0
         h = hidden.reshape(-1, hidden.shape[-1])[sel]
-        logits = self._embedding.logits(h)
-        return masked_token_losses(logits, targets.reshape(-1)[sel]), loss_mask.reshape(-1)[sel].float()
+        # Under TP each rank scores its vocabulary slice; the loss is reduced without a gather.
+        logits = self._embedding.logits(h, gather=False)
+        losses = vocab_parallel_cross_entropy(logits, targets.reshape(-1)[sel])
+        return losses, loss_mask.reshape(-1)[sel].float()
+
+    sum_only = False
+    """Return the summed loss instead of the mean (evaluation adds sums over micro-batches)."""
 
     def forward(self, hidden: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         targets, loss_mask = labels
         losses, weights = self.scored(hidden, targets, loss_mask)
+        if self.sum_only:
+            return (losses * weights).sum()
         return (losses * weights).sum() / weights.sum().clamp(min=1.0)

@@ -53,7 +53,40 @@ class FinalLayerNormPipe(nn.LayerNorm):
         return super().forward(inputs[0])
 
 
-def glm_pipeline(cfg: ModelConfig, seed: int, topology, partition: str = "type:BlockPipe",
+def glm_partition(num_blocks: int, num_stages: int) -> list[int]:
+    """Stage boundaries over the layer list, GLM-130B style.
+
+    The embedding and the head (final LayerNorm + tied head) each count as one block, and the
+    N+2 slots are spread evenly: 70 blocks on 8 stages give 8, 9, ..., 9, 8 blocks.
+    """
+    from deepspeed.runtime.utils import partition_uniform
+
+    slots = partition_uniform(num_items=num_blocks + 2, num_parts=num_stages)
+    # Slot i is layer i for i <= N (slot 0: embedding, 1..N: blocks); the last slot is the two
+    # head layers N+1 and N+2.
+    return [0] + [int(b) for b in slots[1:-1]] + [num_blocks + 3]
+
+
+class GLMPipelineModule(PipelineModule):
+    """PipelineModule with GLM-130B's partitioning as ``partition_method="glm"``."""
+
+    def __init__(self, *args, num_blocks: int, **kwargs) -> None:
+        self._num_blocks = num_blocks
+        super().__init__(*args, **kwargs)
+
+    def _partition_layers(self, method: str = "uniform") -> None:
+        if method.lower() != "glm":
+            return super()._partition_layers(method)
+        self.parts = glm_partition(self._num_blocks, self.num_stages)
+        stage = self._topo.get_coord(self.global_rank).pipe
+        if self.global_rank == 0:
+            sizes = [self.parts[i + 1] - self.parts[i] for i in range(self.num_stages)]
+            print(f"pipeline partition (glm): layers per stage {sizes}", flush=True)
+        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+        return None
+
+
+def glm_pipeline(cfg: ModelConfig, seed: int, topology, partition: str = "glm",
                  activation_checkpoint_interval: int = 0) -> PipelineModule:
     """Layer 0: embedding; 1..N: blocks; N+1: final LayerNorm; N+2: tied head."""
     assert cfg.vocab_size is not None
@@ -62,9 +95,9 @@ def glm_pipeline(cfg: ModelConfig, seed: int, topology, partition: str = "type:B
     specs.append(LayerSpec(FinalLayerNormPipe, cfg.hidden, eps=cfg.layernorm_eps))
     specs.append(TiedLayerSpec("embedding", EmbeddingPipe, cfg.vocab_size, cfg.hidden, std=cfg.init_std,
                                seed=seed, forward_fn=_hold_for_head))
-    module = PipelineModule(layers=specs, topology=topology, partition_method=partition,
-                            activation_checkpoint_interval=activation_checkpoint_interval,
-                            checkpointable_layers=["BlockPipe"])
+    module = GLMPipelineModule(layers=specs, topology=topology, partition_method=partition,
+                               activation_checkpoint_interval=activation_checkpoint_interval,
+                               checkpointable_layers=["BlockPipe"], num_blocks=cfg.layers)
     if module.stage_id == module.num_stages - 1:
         module.loss_fn = GLMHeadLoss(module.tied_modules["embedding"])
     return module

@@ -7,6 +7,7 @@ else from the data side.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import random
@@ -24,6 +25,7 @@ from glm_train.data.blank_infilling import SpecialIds
 from glm_train.data.dataset import GLMTrainData, ValidationSet, collate
 from glm_train.data.indexed import IndexedDataset, check_fingerprint
 from glm_train.data.tokenizer import GLMTokenizer
+from glm_train.parallel.random import TP_RANDOM
 from glm_train.train.checkpoint import CheckpointManager
 from glm_train.train.engine import build_engine, data_parallel_size
 from glm_train.train.metrics import MetricsWriter, plot_losses
@@ -53,13 +55,21 @@ def resolve_vocab(cfg: GLMConfig, tok: GLMTokenizer) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This rank's random state: python, numpy, torch (CPU and CUDA) and the TP-sharded stream."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tp_random": TP_RANDOM.state_dict()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    TP_RANDOM.load_state_dict(state["tp_random"])
 
 
 def seed_everything(seed: int) -> None:
@@ -87,10 +97,10 @@ class Trainer:
         self.valid = {name: ValidationSet(ds, self.ids, cfg.model.seq_length, cfg.eval.gmask_ratio,
                                           cfg.eval.max_samples, two_d) for name, ds in valid_sets.items()}
         seed_everything(cfg.train.seed)
-        self.engine = build_engine(cfg, backend)
+        self.engine, self.par = build_engine(cfg, backend)
         self.rank = dist.get_rank()
         self.dp = data_parallel_size(cfg)
-        self.dp_rank = self.engine.grid.get_data_parallel_rank()
+        self.dp_rank = self.par.get_data_parallel_rank()
         self.egs = EGSSchedule(cfg.stability.egs)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", self.engine, cfg.checkpoint.keep_last)
         self.state = TrainState()
@@ -117,15 +127,15 @@ class Trainer:
         if loaded is None:
             self.metrics.truncate_after(-1)
             return
-        client = loaded
+        client, rank_state = loaded
         self.state = TrainState(**client["train_state"])
-        set_rng_state(client["rng"])
+        set_rng_state(rank_state["rng"])
         self.metrics.truncate_after(self.state.step)
         if self.rank == 0:
             print(f"resumed from step {self.state.step} ({self.state.consumed_samples} samples)", flush=True)
 
     def _save(self) -> None:
-        self.ckpt.save(self.state.step, {"train_state": vars(self.state).copy(), "rng": rng_state()})
+        self.ckpt.save(self.state.step, {"train_state": vars(self.state).copy()}, {"rng": rng_state()})
 
     # ------------------------------------------------------------------ one step
     def _micro_batches(self) -> list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
@@ -175,25 +185,39 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Token-weighted mean loss over each validation set's scored Part-B tokens."""
-        if self.cfg.parallel.pp != 1:
-            raise NotImplementedError("evaluation with parallel.pp > 1 arrives with the 3D-parallelism work")
-        module = self.engine.module
-        was_training = module.training
-        module.eval()
+        """Token-weighted mean loss over each validation set's scored Part-B tokens.
+
+        Runs through the pipeline engine (any tp/pp/dp): the loss function returns each micro-batch's
+        summed loss, DeepSpeed averages those over micro-batches (and identical dp replicas), and the
+        token count comes from the loss masks, which every rank has.
+        """
+        loss_fn = getattr(self.engine.module, "loss_fn", None)
+        if loss_fn is not None:
+            loss_fn.sum_only = True
         self._set_egs(1.0)
-        out = {}
         mb = self.cfg.train.micro_batch
-        for name, vs in self.valid.items():
-            total, count = 0.0, 0.0
-            for i in range(0, len(vs), mb):
-                b = {k: v.to(self.engine.device) for k, v in collate(vs.samples[i:i + mb]).items()}
-                hidden = module((b["input_ids"], b["position_ids"], b["prefix_lengths"]))
-                losses, weights = module.loss_fn.scored(hidden, b["targets"], b["loss_mask"])
-                total += float((losses * weights).sum())
-                count += float(weights.sum())
-            out[f"val_loss_{name}"] = total / max(count, 1.0)
-        module.train(was_training)
+        out = {}
+        try:
+            for name, vs in self.valid.items():
+                batches, count = [], 0.0
+                for i in range(0, len(vs), mb):
+                    chunk = list(vs.samples[i:i + mb])
+                    # Pipeline stages exchange fixed-shape buffers: pad the last micro-batch with
+                    # copies that carry no loss.
+                    while len(chunk) < mb:
+                        pad = copy.copy(chunk[0])
+                        pad.loss_mask = np.zeros_like(pad.loss_mask)
+                        chunk.append(pad)
+                    b = collate(chunk)
+                    count += float(b["loss_mask"].sum())
+                    batches.append(((b["input_ids"], b["position_ids"], b["prefix_lengths"]),
+                                    (b["targets"], b["loss_mask"])))
+                mean_of_sums = self.engine.eval_batch(iter(batches), num_micro_batches=len(batches),
+                                                      reduce_output="avg", bcast_loss=True)
+                out[f"val_loss_{name}"] = float(mean_of_sums) * len(batches) / max(count, 1.0)
+        finally:
+            if loss_fn is not None:
+                loss_fn.sum_only = False
         return out
 
     # ------------------------------------------------------------------ the loop
