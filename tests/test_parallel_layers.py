@@ -97,20 +97,24 @@ def _check(rank: int) -> None:
     (ref * w).sum().backward()
     torch.testing.assert_close(local.grad, ref_in.grad.chunk(WORLD, dim=-1)[rank], rtol=1e-6, atol=1e-6)
 
-    # TP-aware RNG: the default stream agrees across TP ranks, the forked (sharded) one differs.
+    # TP-aware RNG: the default stream agrees across TP ranks, the forked (sharded) one differs,
+    # and the fork is a function of the default stream (replayable by activation recomputation).
     rng = TPRandom()
     rng.seed(1234, pp_rank=0, tp_rank=rank)
     replicated = torch.rand(8)
+    state = torch.get_rng_state()
     with rng.fork():
         sharded = torch.rand(8)
-    after = torch.rand(8)  # the fork leaves the default stream where it was
+    after = torch.rand(8)
+    torch.set_rng_state(state)
+    with rng.fork():
+        replay = torch.rand(8)
+    assert torch.equal(replay, sharded)
     gathered = [torch.empty(24) for _ in range(WORLD)]
     dist.all_gather(gathered, torch.cat([replicated, sharded, after]))
     assert torch.equal(gathered[0][:8], gathered[1][:8])
     assert not torch.equal(gathered[0][8:16], gathered[1][8:16])
     assert torch.equal(gathered[0][16:], gathered[1][16:])
-    torch.manual_seed(1234)
-    torch.testing.assert_close(torch.cat([torch.rand(8), torch.rand(8)]), torch.cat([replicated, after]))
 
 
 def test_tp2_blocks_match_plain_torch():

@@ -70,9 +70,14 @@ def test_bf16_tp2_pp2_close_to_one_process(tiny_data, reference, tmp_path):
     _compare(reference["bf16"], got, 2e-2)
 
 
-def test_tp2_pp2_resume_is_exact(tiny_data, tmp_path):
+def test_tp2_pp2_resume_and_recompute_are_exact_with_dropout(tiny_data, tmp_path):
     n, extra = _layout(2, 2, 1)
     full = _launch(tiny_data, tmp_path / "full", n, *extra, "model.dropout=0.1", "model.attention_dropout=0.1")
+    # Activation recomputation must replay the same dropout masks (TP-sharded ones included).
+    recomputed = _launch(tiny_data, tmp_path / "recompute", n, *extra, "model.dropout=0.1",
+                         "model.attention_dropout=0.1", "parallel.activation_checkpoint_interval=1")
+    assert [r.get("loss") for r in full] == [r.get("loss") for r in recomputed]
+    assert [r.get("grad_norm") for r in full] == [r.get("grad_norm") for r in recomputed]
     _launch(tiny_data, tmp_path / "resumed", n, *extra, "model.dropout=0.1", "model.attention_dropout=0.1",
             "train.exit_at_step=3", "checkpoint.every=3")
     resumed = _launch(tiny_data, tmp_path / "resumed", n, *extra, "model.dropout=0.1",

@@ -2,66 +2,45 @@
 
 Replicated regions (hidden states after a row-parallel layer) must drop the same elements on every
 TP rank, or the ranks' copies diverge; sharded regions (attention heads) must drop different ones.
-The default torch generator is seeded identically across a TP group and serves replicated regions;
-``TPRandom.fork()`` swaps in a per-TP-rank state for sharded regions.
+The default torch generator is seeded identically across a TP group and serves replicated regions.
+``TPRandom.fork()`` runs a sharded region on a stream derived from one draw of the default stream
+and the TP rank. Deriving it (rather than keeping a second running stream) means that whatever
+restores the default stream also restores the sharded masks: activation recomputation replays the
+same dropout, and a checkpoint needs only the default stream.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 
-_OFFSET = 2718  # any constant: keeps the sharded stream apart from the default one
-
-
-def _get() -> torch.Tensor:
-    return torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.get_rng_state()
-
-
-def _set(state: torch.Tensor) -> None:
-    if torch.cuda.is_available():
-        torch.cuda.set_rng_state(state)
-    else:
-        torch.set_rng_state(state)
+_OFFSET = 2718  # any constant: keeps the sharded streams apart from the default one
 
 
 class TPRandom:
-    """Holds the sharded-region RNG state of this rank."""
+    """Seeds the default stream for this rank and forks sharded-region streams from it."""
 
     def __init__(self) -> None:
-        self.state: torch.Tensor | None = None
+        self.tp_rank: int | None = None
 
     def seed(self, seed: int, pp_rank: int, tp_rank: int) -> None:
-        """Default stream: seed + 100*pp_rank (same on all TP ranks); sharded: + 2718 + tp_rank."""
-        base = seed + 100 * pp_rank
-        torch.manual_seed(base)
-        orig = _get()
-        torch.manual_seed(base + _OFFSET + tp_rank)
-        self.state = _get()
-        _set(orig)
+        """Default stream: seed + 100*pp_rank, the same on every TP rank of a stage."""
+        torch.manual_seed(seed + 100 * pp_rank)
+        self.tp_rank = tp_rank
 
     @contextmanager
     def fork(self) -> Iterator[None]:
-        """Run the body on the sharded-region stream."""
-        if self.state is None:  # never seeded (plain model use, tests): the default stream
+        """Run the body on a per-TP-rank stream; the default stream advances by exactly one draw."""
+        if self.tp_rank is None:  # never seeded (plain model use, tests): the default stream
             yield
             return
-        orig = _get()
-        _set(self.state)
-        try:
+        draw = int(torch.randint(0, 2**62, (1,)))
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed((draw + _OFFSET + self.tp_rank) % 2**63)
             yield
-        finally:
-            self.state = _get()
-            _set(orig)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"state": self.state}
-
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.state = sd["state"]
 
 
 TP_RANDOM = TPRandom()

@@ -25,7 +25,6 @@ from glm_train.data.blank_infilling import SpecialIds
 from glm_train.data.dataset import GLMTrainData, ValidationSet, collate
 from glm_train.data.indexed import IndexedDataset, check_fingerprint
 from glm_train.data.tokenizer import GLMTokenizer
-from glm_train.parallel.random import TP_RANDOM
 from glm_train.train.checkpoint import CheckpointManager
 from glm_train.train.engine import build_engine, data_parallel_size
 from glm_train.train.metrics import MetricsWriter, plot_losses
@@ -55,9 +54,8 @@ def resolve_vocab(cfg: GLMConfig, tok: GLMTokenizer) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """This rank's random state: python, numpy, torch (CPU and CUDA) and the TP-sharded stream."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "tp_random": TP_RANDOM.state_dict()}
+    """This rank's random state: python, numpy, torch CPU and CUDA (TP-sharded dropout derives from it)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -69,7 +67,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-    TP_RANDOM.load_state_dict(state["tp_random"])
 
 
 def seed_everything(seed: int) -> None:
