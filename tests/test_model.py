@@ -167,3 +167,16 @@ def test_two_d_positions_run_and_differ_from_1d():
     out = m2(ids, position_ids=pos2, prefix_lengths=torch.tensor([8]))
     assert out.shape == (1, 12, V)
     assert not torch.allclose(out, m1(ids, prefix_lengths=torch.tensor([8])))
+
+
+def test_glm_partition_matches_glm130b_layout():
+    from glm_train.train.pipeline import glm_partition
+
+    parts = glm_partition(70, 8)
+    layers = [b - a for a, b in zip(parts, parts[1:])]
+    # Stage 0: embedding + 8 blocks; stages 1-6: 9 blocks; stage 7: 8 blocks + final LN + head.
+    assert layers == [9, 9, 9, 9, 9, 9, 9, 10] and parts[-1] == 73
+    blocks = [n - (i == 0) - 2 * (i == 7) for i, n in enumerate(layers)]
+    assert blocks == [8, 9, 9, 9, 9, 9, 9, 8]
+    assert glm_partition(4, 1) == [0, 7]
+    assert glm_partition(4, 2) == [0, 3, 7]
