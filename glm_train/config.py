@@ -395,6 +395,11 @@ def validate(cfg: GLMConfig, check_paths: bool = True) -> None:
     _require(0.0 < o.min_gmask_ratio < 1.0, "objective.min_gmask_ratio", "must lie in (0, 1)")
     _require(o.poisson_lambda > 0, "objective.poisson_lambda", "must be > 0")
     _require(0.0 < cfg.eval.gmask_ratio < 1.0, "eval.gmask_ratio", "must lie in (0, 1)")
+    # DeepSpeed's bf16 optimizer without ZeRO writes checkpoints it cannot read back (KeyError in
+    # its legacy loader): refuse a run that could not be resumed.
+    _require(not (cfg.precision == Precision.bf16 and p.zero_stage == 0), "parallel.zero_stage",
+             "precision=bf16 needs parallel.zero_stage=1 (DeepSpeed's bf16 optimizer without ZeRO cannot "
+             "load its own checkpoints)")
     egs_points(cfg.stability.egs)
     _require(cfg.precision in (Precision.fp32, Precision.bf16), "precision",
              f"allowed values are fp32, bf16 (fp16 is not supported yet), got {cfg.precision.value}")

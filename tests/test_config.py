@@ -23,6 +23,8 @@ from tests.conftest import REPO, data_overrides
     (["stability.egs=[[0,0.1],[10]]"], "stability.egs"),
     (["model.dropout=1.5"], "model.dropout"),
     (["model.heads=4", "parallel.tp=3"], "parallel.tp"),
+    (["precision=bf16", "parallel.zero_stage=0"], "parallel.zero_stage"),
+    (["parallel.partition=balanced"], "parallel.partition"),
 ])
 def test_bad_values_name_the_key(tiny_data, overrides, needle):
     with pytest.raises(ConfigError, match=None) as e:
