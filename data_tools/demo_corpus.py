@@ -302,6 +302,11 @@ def prepare_demo(out_dir: str | Path = "data/demo", force: bool = False) -> dict
         os.replace(tmp, stats_path)
         # The marker goes last: its presence means every output above is complete.
         done.write_text("ok\n", encoding="utf-8")
+    # The prompted (MIP) tasks built from the training split; idempotent like the steps above.
+    from data_tools.demo_mip import build_demo_mip
+
+    mip = build_demo_mip(out, out / "cache", tok_path)
+    _log(f"MIP set {out / 'mip'}: {mip.get('n_docs', '?')} samples ({'exists' if mip.get('skipped') else 'built'})")
     _log(f"done in {time.perf_counter() - t_start:.1f}s -> {out}")
     return stats
 

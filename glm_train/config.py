@@ -103,20 +103,38 @@ class ObjectiveConfig:
     """Probability that a [MASK] sample masks one single span of mask_ratio length."""
 
 
+class SourceKind(str, enum.Enum):
+    lm = "lm"  # documents for blank infilling ([MASK]/[gMASK] per the objective)
+    mip = "mip"  # prompted samples: prompt in Part A, answer in Part B (glm-build-mip output)
+
+
+@dataclass
+class SourceConfig:
+    """One training source of the blend."""
+
+    path: str = "???"
+    """Prefix of an indexed dataset (``.bin``/``.idx``/``.json``; MIP sets also ``.mip.npy``)."""
+    weight: float | None = None
+    """Share of the samples (normalized over sources); None for every source means by size."""
+    kind: SourceKind = SourceKind.lm
+    """lm (blank infilling over documents) or mip (prompt/answer samples)."""
+
+
 @dataclass
 class DataConfig:
     """Where training and validation tokens come from."""
 
     tokenizer: str = "data/demo/tokenizer.model"
     """Sentencepiece model file; special tokens are appended after its vocabulary."""
-    train: list[str] = field(default_factory=lambda: ["data/demo/en_train", "data/demo/zh_train"])
-    """Prefixes of indexed datasets (``.bin``/``.idx``/``.json``) used for training."""
-    weights: list[float] | None = None
-    """Sampling weight per train prefix; None weights by token count."""
+    sources: list[SourceConfig] = field(default_factory=lambda: [
+        SourceConfig(path="data/demo/en_train"), SourceConfig(path="data/demo/zh_train")])
+    """The training blend, e.g. data.sources=[{path:data/en,weight:0.95},{path:data/mip,weight:0.05,kind:mip}]."""
     valid: dict[str, str] = field(
         default_factory=lambda: {"en": "data/demo/en_val", "zh": "data/demo/zh_val"}
     )
     """Validation sets by name; metrics get ``val_loss_<name>``."""
+    allow_change: bool = False
+    """Resume even if the data config (sources, weights, sizes, tokenizer, seed) differs from the checkpoint's."""
 
 
 @dataclass
@@ -406,18 +424,25 @@ def validate(cfg: GLMConfig, check_paths: bool = True) -> None:
     _require(cfg.run.wandb_mode in ("offline", "online", "disabled"), "run.wandb_mode",
              f"allowed values are offline, online, disabled; got {cfg.run.wandb_mode}")
     d = cfg.data
-    _require(len(d.train) >= 1, "data.train", "needs at least one dataset prefix")
-    if d.weights is not None:
-        _require(len(d.weights) == len(d.train), "data.weights",
-                 f"needs one weight per data.train entry ({len(d.train)}), got {len(d.weights)}")
-        _require(all(w >= 0 for w in d.weights) and sum(d.weights) > 0, "data.weights",
-                 "must be non-negative with a positive sum")
+    _require(len(d.sources) >= 1, "data.sources", "needs at least one source")
+    weights = [src.weight for src in d.sources]
+    if any(w is not None for w in weights):
+        _require(all(w is not None for w in weights), "data.sources",
+                 "give a weight to every source, or to none (then sources are weighted by size)")
+        _require(all(w >= 0 for w in weights) and sum(weights) > 0, "data.sources",
+                 "weights must be non-negative with a positive sum")
+    for i, src in enumerate(d.sources):
+        _require(src.path not in ("", "???"), f"data.sources[{i}].path", "is required")
     if check_paths:
         _require(Path(d.tokenizer).is_file(), "data.tokenizer",
                  f"file not found: {d.tokenizer} (run `glm-prepare-demo` for the demo data)")
-        for i, prefix in enumerate(d.train):
-            _require(Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file(), f"data.train[{i}]",
+        for i, src in enumerate(d.sources):
+            prefix = src.path
+            _require(Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file(), f"data.sources[{i}].path",
                      f"dataset not found: {prefix}.bin/.idx (run `glm-prepare-demo` for the demo data)")
+            if src.kind == SourceKind.mip:
+                _require(Path(prefix + ".mip.npy").is_file(), f"data.sources[{i}].kind",
+                         f"kind=mip needs {prefix}.mip.npy (made by glm-build-mip)")
         for name, prefix in d.valid.items():
             _require(Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file(), f"data.valid.{name}",
                      f"dataset not found: {prefix}.bin/.idx")

@@ -51,5 +51,5 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 def data_overrides(d: dict[str, str]) -> list[str]:
     base = d["dir"]
-    return [f"data.tokenizer={d['tokenizer']}", f"data.train=[{base}/en_train,{base}/zh_train]",
+    return [f"data.tokenizer={d['tokenizer']}", f"data.sources=[{{path:{base}/en_train}},{{path:{base}/zh_train}}]",
             f"data.valid={{en:{base}/en_val,zh:{base}/zh_val}}"]

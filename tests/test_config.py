@@ -25,6 +25,9 @@ from tests.conftest import REPO, data_overrides
     (["model.heads=4", "parallel.tp=3"], "parallel.tp"),
     (["precision=bf16", "parallel.zero_stage=0"], "parallel.zero_stage"),
     (["parallel.partition=balanced"], "parallel.partition"),
+    (["data.sources=[{path:a,weight:1},{path:b}]"], "data.sources"),
+    (["data.sources=[{path:a,kind:text}]"], "lm, mip"),
+    (["data.sources=[{path:a,bogus:1}]"], "bogus"),
 ])
 def test_bad_values_name_the_key(tiny_data, overrides, needle):
     with pytest.raises(ConfigError, match=None) as e:
@@ -34,8 +37,8 @@ def test_bad_values_name_the_key(tiny_data, overrides, needle):
 
 def test_missing_data_path_names_the_key(tiny_data):
     with pytest.raises(ConfigError) as e:
-        load_config(data_overrides(tiny_data) + ["data.train=[/nonexistent/en]"])
-    assert "data.train[0]" in str(e.value) and "/nonexistent/en" in str(e.value)
+        load_config(data_overrides(tiny_data) + ["data.sources=[{path:/nonexistent/en}]"])
+    assert "data.sources[0].path" in str(e.value) and "/nonexistent/en" in str(e.value)
     with pytest.raises(ConfigError) as e:
         load_config(["data.tokenizer=/nonexistent/tok.model"])
     assert "data.tokenizer" in str(e.value)

@@ -4,13 +4,16 @@ Each dataset is read as one stream: its documents in order, each followed by <eo
 cut into windows of ``seq_length - 2`` tokens (room for the mask token and <sop>). Sample ``i`` of
 the mixture is a deterministic function of (seed, i): epoch ``i // N`` shuffles the N windows of all
 datasets with seed (seed, epoch), so a resumed run only needs the number of consumed samples.
-With ``weights``, each dataset gets that share of every epoch's N slots and cycles through its own
-shuffled windows (a dataset given more than its natural share is repeated, less is subsampled).
+With ``weights``, each source gets that share of every epoch's N slots and cycles through its own
+shuffled windows, reshuffled on every pass (a source given more than its natural share is repeated,
+less is subsampled; either way it wraps around without a gap). An MIP source counts one slot per
+prompted sample.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,18 +58,24 @@ class TokenStream:
 
 
 class GLMTrainData:
-    """The training mixture: ``sample(i)`` for any i >= 0 (epochs wrap), deterministic in (seed, i)."""
+    """The training mixture: ``sample(i)`` for any i >= 0 (epochs wrap), deterministic in (seed, i).
 
-    def __init__(self, datasets: Sequence[IndexedDataset], ids: SpecialIds, seq_length: int, seed: int,
+    ``sources`` holds ("lm", IndexedDataset) for documents (cut into windows for blank infilling) or
+    ("mip", MIPDataset) for prompted samples (one sample per slot).
+    """
+
+    def __init__(self, sources: Sequence[tuple[str, Any]], ids: SpecialIds, seq_length: int, seed: int,
                  objective: ObjectiveConfig, weights: Sequence[float] | None = None,
                  two_d: bool = False) -> None:
         self.ids, self.seq_length, self.seed, self.objective, self.two_d = ids, seq_length, seed, objective, two_d
         self.window = seq_length - 2
-        self.streams = [TokenStream(ds, ids.eod) for ds in datasets]
-        self.windows = np.asarray([s.num_windows(self.window) for s in self.streams], dtype=np.int64)
+        self.kinds = [kind for kind, _ in sources]
+        self.items: list[Any] = [TokenStream(ds, ids.eod) if kind == "lm" else ds for kind, ds in sources]
+        self.windows = np.asarray([item.num_windows(self.window) if kind == "lm" else len(item)
+                                   for kind, item in zip(self.kinds, self.items)], dtype=np.int64)
         if (self.windows == 0).any():
             bad = [i for i, n in enumerate(self.windows) if n == 0]
-            raise ValueError(f"data.train{bad}: fewer tokens than one sequence of {seq_length}")
+            raise ValueError(f"data.sources{bad}: no sample fits (fewer tokens than one sequence of {seq_length})")
         total = int(self.windows.sum())
         if weights is None:
             self.slots = self.windows.copy()
@@ -76,6 +85,7 @@ class GLMTrainData:
         self.epoch_size = int(self.slots.sum())
         self._epoch = -1
         self._order: np.ndarray | None = None
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
 
     def __len__(self) -> int:
         return self.epoch_size
@@ -90,21 +100,37 @@ class GLMTrainData:
         assert self._order is not None
         return self._order
 
+    def _perm(self, ds: int, cycle: int) -> np.ndarray:
+        key = (ds, cycle)
+        if key not in self._perms:
+            if len(self._perms) > 8:  # a few cycles of a few sources; never grows unbounded
+                self._perms.clear()
+            self._perms[key] = np.random.default_rng([self.seed, ds, cycle, 1]).permutation(int(self.windows[ds]))
+        return self._perms[key]
+
     def _window_of(self, index: int) -> tuple[int, int]:
         epoch, j = divmod(index, self.epoch_size)
         order = self._epoch_order(epoch)
         slot = int(order[j])
         ds = int(self._slot_ds[slot])
         first_slot = int(self.slots[:ds].sum())
-        # The k-th use of dataset ds overall walks its own per-cycle shuffled windows.
+        # The k-th use of source ds overall walks its own per-cycle shuffled windows.
         k = epoch * int(self.slots[ds]) + (slot - first_slot)
         cycle, within = divmod(k, int(self.windows[ds]))
-        perm = np.random.default_rng([self.seed, ds, cycle, 1]).permutation(int(self.windows[ds]))
-        return ds, int(perm[within])
+        return ds, int(self._perm(ds, cycle)[within])
+
+    def source_of(self, index: int) -> int:
+        """Which source sample ``index`` comes from."""
+        return self._window_of(index)[0]
 
     def sample(self, index: int) -> Sample:
         ds, w = self._window_of(index)
-        text = self.streams[ds].read(w * self.window, self.window)
+        if self.kinds[ds] == "mip":
+            from glm_train.data.mip import build_mip_sample
+
+            prompt, target = self.items[ds][w]
+            return build_mip_sample(prompt, target, self.seq_length, self.ids, self.two_d)
+        text = self.items[ds].read(w * self.window, self.window)
         rng = np.random.default_rng([self.seed, index, 2])
         return build_sample(text, rng, self.seq_length, self.objective, self.ids, self.two_d)
 

@@ -8,6 +8,7 @@ else from the data side.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import random
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from glm_train.config import GLMConfig, PositionEncoding, from_yaml, to_yaml
+from glm_train.config import GLMConfig, PositionEncoding, SourceKind, from_yaml, to_yaml
 from glm_train.data.blank_infilling import SpecialIds
 from glm_train.data.dataset import GLMTrainData, ValidationSet, collate
 from glm_train.data.indexed import IndexedDataset, check_fingerprint
@@ -85,12 +86,25 @@ class Trainer:
         resolve_vocab(cfg, self.tokenizer)
         self.ids = special_ids(self.tokenizer)
         two_d = PositionEncoding(cfg.model.position_encoding) == PositionEncoding.rope_2d
-        train_sets = [IndexedDataset(p) for p in cfg.data.train]
+        sources = []
+        for src in cfg.data.sources:
+            if src.kind == SourceKind.mip:
+                from glm_train.data.mip import MIPDataset
+
+                mip = MIPDataset(src.path)
+                check_fingerprint(mip.indexed, self.tokenizer)
+                sources.append(("mip", mip))
+            else:
+                ds = IndexedDataset(src.path)
+                check_fingerprint(ds, self.tokenizer)
+                sources.append(("lm", ds))
         valid_sets = {name: IndexedDataset(p) for name, p in cfg.data.valid.items()}
-        for ds in [*train_sets, *valid_sets.values()]:
+        for ds in valid_sets.values():
             check_fingerprint(ds, self.tokenizer)
-        self.data = GLMTrainData(train_sets, self.ids, cfg.model.seq_length, cfg.train.seed, cfg.objective,
-                                 cfg.data.weights, two_d)
+        weights = None if cfg.data.sources[0].weight is None else [s.weight for s in cfg.data.sources]
+        self.data = GLMTrainData(sources, self.ids, cfg.model.seq_length, cfg.train.seed, cfg.objective,
+                                 weights, two_d)
+        self.data_fingerprint = self._data_fingerprint(sources)
         self.valid = {name: ValidationSet(ds, self.ids, cfg.model.seq_length, cfg.eval.gmask_ratio,
                                           cfg.eval.max_samples, two_d) for name, ds in valid_sets.items()}
         seed_everything(cfg.train.seed)
@@ -103,6 +117,18 @@ class Trainer:
         self.state = TrainState()
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", enabled=self.rank == 0)
         self._wandb: Any = None
+
+    def _data_fingerprint(self, sources: list[tuple[str, Any]]) -> dict[str, Any]:
+        """What the sample order depends on: resuming under a different one would silently change it."""
+        cfg = self.cfg
+        srcs = []
+        for src, (_, obj) in zip(cfg.data.sources, sources):
+            ds = obj.indexed if src.kind == SourceKind.mip else obj
+            srcs.append({"path": src.path, "kind": src.kind.value, "weight": src.weight, "docs": len(ds),
+                         "tokens": int(ds.n_tokens)})
+        return {"tokenizer": self.tokenizer.fingerprint(), "seed": cfg.train.seed,
+                "seq_length": cfg.model.seq_length, "objective": dataclasses.asdict(cfg.objective),
+                "sources": srcs}
 
     # ------------------------------------------------------------------ set-up and resume
     def _prepare_run_dir(self) -> None:
@@ -125,6 +151,16 @@ class Trainer:
             self.metrics.truncate_after(-1)
             return
         client, rank_state = loaded
+        saved = client.get("data_fingerprint")
+        if saved is not None and saved != self.data_fingerprint:
+            diff = [k for k in self.data_fingerprint if saved.get(k) != self.data_fingerprint[k]]
+            if not self.cfg.data.allow_change:
+                raise ValueError(f"the data config differs from the checkpoint's ({', '.join(diff)}): resuming "
+                                 "would not continue the same sample order; set data.allow_change=true to "
+                                 "resume anyway")
+            if self.rank == 0:
+                print(f"warning: data config changed since the checkpoint ({', '.join(diff)}); "
+                      "continuing at the same sample count (data.allow_change=true)", flush=True)
         self.state = TrainState(**client["train_state"])
         set_rng_state(rank_state["rng"])
         self.metrics.truncate_after(self.state.step)
@@ -132,7 +168,8 @@ class Trainer:
             print(f"resumed from step {self.state.step} ({self.state.consumed_samples} samples)", flush=True)
 
     def _save(self) -> None:
-        self.ckpt.save(self.state.step, {"train_state": vars(self.state).copy()}, {"rng": rng_state()})
+        self.ckpt.save(self.state.step, {"train_state": vars(self.state).copy(),
+                                         "data_fingerprint": self.data_fingerprint}, {"rng": rng_state()})
 
     # ------------------------------------------------------------------ one step
     def _micro_batches(self) -> list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
