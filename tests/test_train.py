@@ -124,3 +124,12 @@ def test_plain_model_from_checkpoint_reproduces_validation_loss(full_run):
         losses = masked_token_losses(logits, b["targets"])
         val = float((losses * b["loss_mask"]).sum() / b["loss_mask"].sum())
         assert abs(val - final[f"val_loss_{name}"]) < 1e-4, (name, val, final)
+
+
+def test_min_new_tokens_defers_the_stop(full_run):
+    from glm_train.infer.generate import SamplingConfig, generate
+    from glm_train.infer.loading import load_trained
+
+    model, tok, _ = load_trained(full_run)
+    text = generate(model, tok, "the lord", SamplingConfig(max_new_tokens=12, min_new_tokens=12, seed=3))
+    assert len(tok.encode(text)) >= 10  # 12 sampled ids; re-encoding may merge a few pieces

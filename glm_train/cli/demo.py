@@ -65,7 +65,7 @@ def demo(overrides: list[str]) -> int:
         print(f"{lang:<5}{uni:>10.3f}{b:>12.3f}{a:>11.3f}{a / uni:>15.3f}")
     print("(nats per token; validation = Part-B tokens of [gMASK] samples of held-out documents)")
     for lang, prompt in PROMPTS.items():
-        text = generate(model, tok, prompt, SamplingConfig(max_new_tokens=60, seed=1))
+        text = generate(model, tok, prompt, SamplingConfig(max_new_tokens=60, min_new_tokens=40, seed=1))
         summary[f"sample_{lang}"] = prompt + text
         print(f"\n[{lang}] {prompt}{text}")
     (run_dir / "demo_summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n")

@@ -19,6 +19,8 @@ class SamplingConfig:
 
     max_new_tokens: int = 64
     """Tokens to generate at most (stops earlier at <eop>/<eod>)."""
+    min_new_tokens: int = 0
+    """Do not stop (<eop>/<eod> are not sampled) before this many tokens."""
     temperature: float = 0.8
     """Softmax temperature; 0 means greedy."""
     top_k: int = 40
@@ -64,6 +66,8 @@ def generate(model: GLMModel, tok: GLMTokenizer, prompt: str, cfg: SamplingConfi
             prefix = torch.tensor([max(0, len(part_a) - (len(ids) - seq_limit))])
         logits = model(torch.tensor([window]), prefix_lengths=prefix)[0, -1].float()
         logits = logits.masked_fill(banned, float("-inf"))
+        if len(out) < cfg.min_new_tokens:
+            logits[[tok.eop_id, tok.eod_id]] = float("-inf")
         if cfg.repetition_penalty != 1.0 and ids:
             seen = torch.tensor(sorted(set(ids)))
             vals = logits[seen]
