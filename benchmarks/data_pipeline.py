@@ -163,6 +163,39 @@ def bench_preprocess(workdir: Path, target_mb: float = 20.0, repeats: int = 3) -
     return out
 
 
+def bench_batch_build(steps: int = 40) -> dict[str, Any]:
+    """Cost of building one global batch of the demo blend (EN + ZH + MIP, blank infilling, collate)
+    against one toy training step, measured alternately in the same process."""
+    import statistics
+
+    ensure_demo()
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    from glm_train.config import load_config
+    from glm_train.env import setup_environment
+
+    cfg = load_config(["eval.every=0", "checkpoint.every=0", "train.progress=false",
+                       "run.dir=" + tempfile.mkdtemp(prefix="glm_bench_run_")], config_name="demo")
+    backend = setup_environment()
+    from glm_train.train.trainer import Trainer, shutdown
+
+    trainer = Trainer(cfg, backend)
+    try:
+        for _ in range(5):  # warm-up
+            trainer.train_step()
+        build, step = [], []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            trainer._micro_batches()
+            build.append(time.perf_counter() - t0)
+            step.append(trainer.train_step()["step_time_s"])
+    finally:
+        shutdown()
+    b, st = statistics.median(build), statistics.median(step)
+    samples = cfg.train.global_batch
+    return {"batch_build_ms": round(b * 1000, 3), "train_step_ms": round(st * 1000, 2),
+            "builder_samples_per_s": round(samples / b, 1), "batch_build_share": round(b / st, 4)}
+
+
 def print_table(title: str, result: dict[str, Any]) -> None:
     """One section as a two-column table."""
     print(f"\n== {title}")
@@ -174,6 +207,7 @@ def print_table(title: str, result: dict[str, Any]) -> None:
 
 SECTIONS: dict[str, Callable[[argparse.Namespace, Path], dict[str, Any]]] = {
     "preprocess": lambda a, d: bench_preprocess(d, a.target_mb, a.repeats),
+    "batch_build": lambda a, d: bench_batch_build(),
 }
 
 
