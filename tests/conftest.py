@@ -11,6 +11,7 @@ import pytest
 # Tests run on CPU; set before anything imports DeepSpeed.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # bitwise-reproducible MKL, as glm_train.env sets it
 
 REPO = Path(__file__).resolve().parents[1]
 
