@@ -133,6 +133,9 @@ class DataConfig:
         default_factory=lambda: {"en": "data/demo/en_val", "zh": "data/demo/zh_val"}
     )
     """Validation sets by name; metrics get ``val_loss_<name>``."""
+    index_cache: str | None = None
+    """Folder for the cached sample index (one file per epoch, built by one rank, memory-mapped by all);
+    None means ``.glm_index/`` beside the first source."""
     allow_change: bool = False
     """Resume even if the data config (sources, weights, sizes, tokenizer, seed) differs from the checkpoint's."""
 

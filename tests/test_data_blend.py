@@ -85,3 +85,50 @@ def test_resume_with_changed_data_config_is_refused(tiny_data, mip_prefix, tmp_p
     r = _run("glm_train.cli.train", [*common, changed, "data.allow_change=true"])
     steps = [json.loads(ln)["step"] for ln in Path(run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def _race_worker(path: str, marker: str, out: str) -> None:
+    from glm_train.data.dataset import cached_array
+
+    def build() -> np.ndarray:
+        with open(marker, "a") as f:
+            f.write("built\n")
+        import time
+
+        time.sleep(0.3)  # widen the window in which the others look for the file
+        return np.arange(1000, dtype=np.int64) * 7
+
+    arr = cached_array(Path(path), build)
+    np.save(out, np.asarray(arr))
+
+
+def test_sample_index_is_built_once_under_concurrent_ranks(tmp_path):
+    import multiprocessing as mp
+
+    path, marker = tmp_path / "cache" / "epoch_000000.npy", tmp_path / "built.txt"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_race_worker, args=(str(path), str(marker), str(tmp_path / f"out{i}.npy")))
+             for i in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert all(p.exitcode == 0 for p in procs)
+    assert marker.read_text().count("built") == 1
+    for i in range(4):
+        assert np.array_equal(np.load(tmp_path / f"out{i}.npy"), np.arange(1000) * 7)
+    assert not list(path.parent.glob("*.tmp.*")) and not list(path.parent.glob("*.lock"))
+
+
+def test_cached_index_equals_in_memory_order(tiny_data, mip_prefix, tmp_path):
+    tok = GLMTokenizer(tiny_data["tokenizer"])
+    base = tiny_data["dir"]
+    sources = [("lm", IndexedDataset(f"{base}/en_train")), ("mip", MIPDataset(mip_prefix))]
+    mem = GLMTrainData(sources, special_ids(tok), 64, 5, ObjectiveConfig(), [0.7, 0.3])
+    disk = GLMTrainData(sources, special_ids(tok), 64, 5, ObjectiveConfig(), [0.7, 0.3], cache_dir=tmp_path)
+    n = 2 * mem.epoch_size + 7
+    assert [mem._window_of(i) for i in range(n)] == [disk._window_of(i) for i in range(n)]
+    assert len(list(disk.cache_dir.glob("epoch_*.npy"))) == 3
+    # A reader reopening the cache gets the same order without rebuilding.
+    again = GLMTrainData(sources, special_ids(tok), 64, 5, ObjectiveConfig(), [0.7, 0.3], cache_dir=tmp_path)
+    assert [again._window_of(i) for i in range(50)] == [mem._window_of(i) for i in range(50)]

@@ -12,7 +12,12 @@ prompted sample.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,6 +62,37 @@ class TokenStream:
         return self.length // window
 
 
+def cached_array(path: Path, build: Callable[[], np.ndarray], timeout_s: float = 600.0) -> np.ndarray:
+    """Load ``path`` (memory-mapped), building it first if missing; safe with many processes.
+
+    One process wins an exclusive lock file and builds; it writes to a temporary name and renames,
+    so a reader never sees a partial file. The others wait for the file. A builder that died leaves
+    its lock behind: after ``timeout_s`` the lock is taken over.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.with_name(path.name + ".lock")
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if time.monotonic() > deadline:
+                lock.unlink(missing_ok=True)  # stale: its builder is gone
+                deadline = time.monotonic() + timeout_s
+            time.sleep(0.05)
+            continue
+        try:
+            if not path.exists():
+                tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
+                with open(tmp, "wb") as f:
+                    np.save(f, build())
+                os.replace(tmp, path)
+        finally:
+            os.close(fd)
+            lock.unlink(missing_ok=True)
+    return np.load(path, mmap_mode="r")
+
+
 class GLMTrainData:
     """The training mixture: ``sample(i)`` for any i >= 0 (epochs wrap), deterministic in (seed, i).
 
@@ -66,7 +102,7 @@ class GLMTrainData:
 
     def __init__(self, sources: Sequence[tuple[str, Any]], ids: SpecialIds, seq_length: int, seed: int,
                  objective: ObjectiveConfig, weights: Sequence[float] | None = None,
-                 two_d: bool = False) -> None:
+                 two_d: bool = False, cache_dir: str | Path | None = None, cache_key: str = "") -> None:
         self.ids, self.seq_length, self.seed, self.objective, self.two_d = ids, seq_length, seed, objective, two_d
         self.window = seq_length - 2
         self.kinds = [kind for kind, _ in sources]
@@ -84,40 +120,48 @@ class GLMTrainData:
             self.slots = np.maximum(np.round(w / w.sum() * total).astype(np.int64), (w > 0).astype(np.int64))
         self.epoch_size = int(self.slots.sum())
         self._epoch = -1
-        self._order: np.ndarray | None = None
-        self._perms: dict[tuple[int, int], np.ndarray] = {}
+        self._table = np.empty((2, 0), dtype=np.int64)
+        self.cache_dir: Path | None = None
+        if cache_dir is not None:
+            key = json.dumps({"seed": seed, "seq_length": seq_length, "windows": self.windows.tolist(),
+                              "slots": self.slots.tolist(), "kinds": self.kinds, "extra": cache_key},
+                             sort_keys=True)
+            self.cache_dir = Path(cache_dir) / hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def __len__(self) -> int:
         return self.epoch_size
 
-    def _epoch_order(self, epoch: int) -> np.ndarray:
+    def _epoch_table(self, epoch: int) -> np.ndarray:
+        """[2, epoch_size]: (source, window) of every sample of ``epoch``; cached on disk if configured."""
         if epoch != self._epoch:
-            rng = np.random.default_rng([self.seed, epoch, 0])
-            slot_ds = np.repeat(np.arange(len(self.slots)), self.slots)
-            self._order = rng.permutation(slot_ds.size)
-            self._slot_ds = slot_ds
+            if self.cache_dir is None:
+                self._table = self._compute_epoch(epoch)
+            else:
+                self._table = cached_array(self.cache_dir / f"epoch_{epoch:06d}.npy",
+                                           lambda: self._compute_epoch(epoch))
             self._epoch = epoch
-        assert self._order is not None
-        return self._order
+        return self._table
 
-    def _perm(self, ds: int, cycle: int) -> np.ndarray:
-        key = (ds, cycle)
-        if key not in self._perms:
-            if len(self._perms) > 8:  # a few cycles of a few sources; never grows unbounded
-                self._perms.clear()
-            self._perms[key] = np.random.default_rng([self.seed, ds, cycle, 1]).permutation(int(self.windows[ds]))
-        return self._perms[key]
+    def _compute_epoch(self, epoch: int) -> np.ndarray:
+        order = np.random.default_rng([self.seed, epoch, 0]).permutation(self.epoch_size)
+        slot_ds = np.repeat(np.arange(len(self.slots)), self.slots)
+        first_slot = np.concatenate([[0], np.cumsum(self.slots)[:-1]])
+        src = slot_ds[order]
+        # The k-th use of source ds overall walks its own per-cycle shuffled windows.
+        k = epoch * self.slots[src] + (order - first_slot[src])
+        cycle, within = np.divmod(k, self.windows[src])
+        win = np.empty(self.epoch_size, dtype=np.int64)
+        for ds in range(len(self.slots)):
+            for c in np.unique(cycle[src == ds]):
+                sel = (src == ds) & (cycle == c)
+                perm = np.random.default_rng([self.seed, ds, int(c), 1]).permutation(int(self.windows[ds]))
+                win[sel] = perm[within[sel]]
+        return np.stack([src.astype(np.int64), win])
 
     def _window_of(self, index: int) -> tuple[int, int]:
         epoch, j = divmod(index, self.epoch_size)
-        order = self._epoch_order(epoch)
-        slot = int(order[j])
-        ds = int(self._slot_ds[slot])
-        first_slot = int(self.slots[:ds].sum())
-        # The k-th use of source ds overall walks its own per-cycle shuffled windows.
-        k = epoch * int(self.slots[ds]) + (slot - first_slot)
-        cycle, within = divmod(k, int(self.windows[ds]))
-        return ds, int(self._perm(ds, cycle)[within])
+        table = self._epoch_table(epoch)
+        return int(table[0, j]), int(table[1, j])
 
     def source_of(self, index: int) -> int:
         """Which source sample ``index`` comes from."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import os
 import random
@@ -102,9 +103,11 @@ class Trainer:
         for ds in valid_sets.values():
             check_fingerprint(ds, self.tokenizer)
         weights = None if cfg.data.sources[0].weight is None else [s.weight for s in cfg.data.sources]
-        self.data = GLMTrainData(sources, self.ids, cfg.model.seq_length, cfg.train.seed, cfg.objective,
-                                 weights, two_d)
         self.data_fingerprint = self._data_fingerprint(sources)
+        cache = cfg.data.index_cache or str(Path(cfg.data.sources[0].path).parent / ".glm_index")
+        self.data = GLMTrainData(sources, self.ids, cfg.model.seq_length, cfg.train.seed, cfg.objective,
+                                 weights, two_d, cache_dir=cache,
+                                 cache_key=json.dumps(self.data_fingerprint, sort_keys=True))
         self.valid = {name: ValidationSet(ds, self.ids, cfg.model.seq_length, cfg.eval.gmask_ratio,
                                           cfg.eval.max_samples, two_d) for name, ds in valid_sets.items()}
         seed_everything(cfg.train.seed)
