@@ -59,14 +59,13 @@ def build_engine(cfg: GLMConfig, backend: str) -> tuple[deepspeed.PipelineEngine
     optimizer = torch.optim.AdamW(param_groups(module, t.weight_decay), lr=t.lr,
                                   betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
     for g in optimizer.param_groups:
+        # LambdaLR multiplies each group's initial lr; normalizing by it makes lr_at() absolute.
+        g["initial_lr"] = t.lr
         g["lr"] = lr_at(0, t)
 
     def scheduler(opt: torch.optim.Optimizer) -> LambdaLR:
-        # LambdaLR multiplies each group's initial lr; normalizing by it makes lr_at() absolute.
         return LambdaLR(opt, lambda step: lr_at(step, t) / t.lr)
 
-    for g in optimizer.param_groups:
-        g["initial_lr"] = t.lr
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg))
     if cfg.parallel.zero_stage == 0 and cfg.precision == Precision.fp32 and t.clip_grad > 0:
