@@ -141,6 +141,19 @@ class DataConfig:
 
 
 @dataclass
+class RampupConfig:
+    """Global batch ramp-up: start, then +increment every samples/((global_batch-start)/increment)
+    consumed samples, until train.global_batch; the micro-batch size stays fixed."""
+
+    start: int | None = None
+    """Global batch at the first step (a multiple of micro_batch * dp); None: no ramp-up."""
+    increment: int = 16
+    """Batch growth per increment (a multiple of micro_batch * dp dividing global_batch - start)."""
+    samples: int = 1000
+    """Consumed samples over which the batch grows from start to train.global_batch."""
+
+
+@dataclass
 class TrainConfig:
     """Optimization loop (SPEC.md, "Training recipe")."""
 
@@ -176,6 +189,13 @@ class TrainConfig:
     """Stop (with a checkpoint) after this step, as an interruption would; schedules still target iters."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+    warmup_samples: int | None = None
+    """LR warm-up in samples (SPEC: the schedule counts samples); set with decay_samples to make the LR a
+    function of consumed samples instead of steps (warmup_iters/decay_iters are then ignored)."""
+    decay_samples: int | None = None
+    """Samples of cosine decay after warm-up (samples schedule); None means until the run's last sample."""
+    rampup: RampupConfig = field(default_factory=RampupConfig)
+    """Batch-size ramp-up as Megatron's --rampup-batch-size (off unless rampup.start is set)."""
 
 
 @dataclass
@@ -223,11 +243,76 @@ class ParallelConfig:
 
 
 @dataclass
+class LossScaleConfig:
+    """fp16 dynamic loss scaling (SPEC defaults; DeepSpeed's dynamic loss scaler)."""
+
+    initial_scale_power: int = 16
+    """The first loss scale is 2**initial_scale_power."""
+    loss_scale_window: int = 2000
+    """Steps without overflow before the scale doubles."""
+    hysteresis: int = 2
+    """Overflows tolerated before the scale is lowered."""
+    min_loss_scale: float = 1.0
+    """The scale never drops below this."""
+
+
+@dataclass
+class GuardConfig:
+    """Loss-spike guard: skip suspicious updates, roll back after repeated spikes (docs/stability.md)."""
+
+    enabled: bool = True
+    """Check every step; a clean run never triggers it."""
+    window: int = 50
+    """Recent accepted steps whose loss and gradient norm form the reference."""
+    min_history: int = 20
+    """Accepted steps needed before any spike is declared (early training changes fast)."""
+    loss_z: float = 6.0
+    """A loss is a spike when it exceeds the median of the last 5 accepted losses by loss_z noise
+    deviations (robust: 1.4826 x the median absolute deviation of step-to-step changes / sqrt 2) ..."""
+    loss_rel: float = 0.1
+    """... and by at least this fraction of that median."""
+    grad_z: float = 6.0
+    """Same test on the gradient norm, with grad_z ..."""
+    grad_rel: float = 4.0
+    """... and at least this fraction of the median (4.0: above 5x the recent norm; gradient clipping
+    already bounds the update, so only extreme norms count)."""
+    start_step: int | None = None
+    """Steps up to this one are never called spikes (non-finite values always are): early training
+    is legitimately erratic. None: the end of the LR warm-up."""
+    rollback_after: int = 3
+    """Spikes within rollback_window steps that trigger a rollback to the last good checkpoint; 0 never."""
+    rollback_window: int = 20
+    """Steps over which spikes are counted for a rollback."""
+    max_rollbacks: int = 5
+    """After this many rollbacks in one process the run stops with an error instead of looping."""
+    lr_factor: float = 1.0
+    """Multiply the learning rate by this after each rollback (1.0 keeps it)."""
+    egs_alpha: float | None = None
+    """Embedding gradient shrink alpha to use after a rollback; None keeps the schedule."""
+
+
+@dataclass
 class StabilityConfig:
     """Training-stability measures."""
 
     egs: Any = 0.1
     """Embedding gradient shrink alpha: a number, or a list of [step, alpha] points (linear between)."""
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    """Loss-spike guard."""
+    z_loss: float = 0.0
+    """Weight of the z-loss (mean squared log-partition of the scored tokens' logits); 0 disables."""
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for tests and drills."""
+
+    corrupt_steps: list[int] | None = None
+    """[a, b]: the samples that steps a..b (1-based, as logged) would read are replaced by random tokens
+    wherever they are read, so a rollback that replays them meets the same corruption."""
+    huge_grad_steps: list[int] | None = None
+    """Steps (1-based) whose gradients are multiplied by 1e30 (the loss value unchanged): an fp16
+    overflow, or a non-finite gradient norm in fp32/bf16."""
 
 
 @dataclass
@@ -258,8 +343,12 @@ class GLMConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     stability: StabilityConfig = field(default_factory=StabilityConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    fp16: LossScaleConfig = field(default_factory=LossScaleConfig)
+    """Loss scaling, used when precision=fp16."""
     precision: Precision = Precision.fp32
-    """Training precision: fp32, bf16 (fp16 arrives with the mixed-precision work)."""
+    """Training precision: fp32, bf16 or fp16 (FP32 master weights, optimizer state, softmax and loss in
+    every case; fp16 adds dynamic loss scaling, see the fp16 section)."""
 
 
 def _register() -> None:
@@ -366,6 +455,55 @@ def egs_points(egs: Any) -> list[tuple[int, float]]:
     return pts
 
 
+def _validate_schedule(cfg: GLMConfig, dp: int) -> None:
+    t = cfg.train
+    for key, val in [("train.warmup_samples", t.warmup_samples), ("train.decay_samples", t.decay_samples)]:
+        _require(val is None or val >= 0, key, f"must be >= 0 or null, got {val}")
+    _require(t.decay_samples is None or t.warmup_samples is not None, "train.warmup_samples",
+             "set it too when train.decay_samples is set (the schedule is in samples or in steps, not both)")
+    r = t.rampup
+    if r.start is None:
+        return
+    unit = t.micro_batch * dp
+    _require(r.start >= unit and r.start % unit == 0, "train.rampup.start",
+             f"must be a positive multiple of micro_batch*dp={unit}, got {r.start}")
+    _require(r.start < t.global_batch, "train.rampup.start",
+             f"must be smaller than train.global_batch={t.global_batch}, got {r.start}")
+    _require(r.increment >= unit and r.increment % unit == 0, "train.rampup.increment",
+             f"must be a positive multiple of micro_batch*dp={unit}, got {r.increment}")
+    _require((t.global_batch - r.start) % r.increment == 0, "train.rampup.increment",
+             f"must divide global_batch-start={t.global_batch - r.start}, got {r.increment}")
+    _require(r.samples > 0, "train.rampup.samples", f"must be > 0, got {r.samples}")
+
+
+def _validate_stability(cfg: GLMConfig) -> None:
+    g = cfg.stability.guard
+    _require(g.window >= 3, "stability.guard.window", f"must be >= 3, got {g.window}")
+    _require(3 <= g.min_history <= g.window, "stability.guard.min_history",
+             f"must lie in [3, stability.guard.window={g.window}], got {g.min_history}")
+    for key, val in [("loss_z", g.loss_z), ("loss_rel", g.loss_rel), ("grad_z", g.grad_z),
+                     ("grad_rel", g.grad_rel)]:
+        _require(val > 0, f"stability.guard.{key}", f"must be > 0, got {val}")
+    _require(g.rollback_after >= 0, "stability.guard.rollback_after", "must be >= 0 (0: never roll back)")
+    _require(g.rollback_window >= 1, "stability.guard.rollback_window", "must be >= 1")
+    _require(g.max_rollbacks >= 0, "stability.guard.max_rollbacks", "must be >= 0")
+    _require(0 < g.lr_factor <= 1, "stability.guard.lr_factor", f"must lie in (0, 1], got {g.lr_factor}")
+    _require(g.egs_alpha is None or 0 <= g.egs_alpha <= 1, "stability.guard.egs_alpha",
+             f"must lie in [0, 1] or be null, got {g.egs_alpha}")
+    _require(cfg.stability.z_loss >= 0, "stability.z_loss", f"must be >= 0, got {cfg.stability.z_loss}")
+    c = cfg.debug.corrupt_steps
+    if c is not None:
+        _require(len(c) == 2 and 1 <= c[0] <= c[1], "debug.corrupt_steps",
+                 f"expected [a, b] with 1 <= a <= b, got {list(c)}")
+    h = cfg.debug.huge_grad_steps
+    _require(h is None or all(x >= 1 for x in h), "debug.huge_grad_steps", f"steps are >= 1, got {h}")
+    f = cfg.fp16
+    _require(f.initial_scale_power >= 0, "fp16.initial_scale_power", "must be >= 0")
+    _require(f.loss_scale_window >= 1, "fp16.loss_scale_window", "must be >= 1")
+    _require(f.hysteresis >= 1, "fp16.hysteresis", "must be >= 1")
+    _require(f.min_loss_scale > 0, "fp16.min_loss_scale", "must be > 0")
+
+
 def validate(cfg: GLMConfig, check_paths: bool = True) -> None:
     """Cross-field checks that OmegaConf's typing cannot express. Cheap: no torch, no I/O but stat."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
@@ -421,9 +559,12 @@ def validate(cfg: GLMConfig, check_paths: bool = True) -> None:
     _require(not (cfg.precision == Precision.bf16 and p.zero_stage == 0), "parallel.zero_stage",
              "precision=bf16 needs parallel.zero_stage=1 (DeepSpeed's bf16 optimizer without ZeRO cannot "
              "load its own checkpoints)")
+    _require(not (cfg.precision == Precision.fp16 and p.zero_stage == 0), "parallel.zero_stage",
+             "precision=fp16 needs parallel.zero_stage=1 (DeepSpeed's pipeline fp16 optimizer without ZeRO "
+             "never scales the loss)")
     egs_points(cfg.stability.egs)
-    _require(cfg.precision in (Precision.fp32, Precision.bf16), "precision",
-             f"allowed values are fp32, bf16 (fp16 is not supported yet), got {cfg.precision.value}")
+    _validate_schedule(cfg, dp)
+    _validate_stability(cfg)
     _require(cfg.run.wandb_mode in ("offline", "online", "disabled"), "run.wandb_mode",
              f"allowed values are offline, online, disabled; got {cfg.run.wandb_mode}")
     d = cfg.data

@@ -45,3 +45,29 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> 
     if tp_world_size() == 1:
         return F.cross_entropy(logits, target, reduction="none")
     return _VocabParallelCrossEntropy.apply(logits, target)
+
+
+class _VocabParallelLogSumExp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits):  # type: ignore[override]
+        group = tp_group()
+        logits_max = logits.max(dim=-1).values
+        dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+        exp = (logits - logits_max.unsqueeze(-1)).exp()
+        sum_exp = exp.sum(dim=-1)
+        dist.all_reduce(sum_exp, group=group)
+        ctx.save_for_backward(exp / sum_exp.unsqueeze(-1))
+        return sum_exp.log() + logits_max
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (softmax,) = ctx.saved_tensors
+        return softmax * grad.unsqueeze(-1)
+
+
+def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """log sum_v exp(logit_v) over the whole (TP-split) vocabulary, [N] in FP32; for the z-loss."""
+    logits = logits.float()
+    if tp_world_size() == 1:
+        return torch.logsumexp(logits, dim=-1)
+    return _VocabParallelLogSumExp.apply(logits)

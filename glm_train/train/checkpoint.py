@@ -47,6 +47,35 @@ class CheckpointManager:
             raise FileNotFoundError(f"{f} names {tag}, which does not exist: the checkpoint folder is damaged")
         return path
 
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoint folders, ascending."""
+        out = []
+        for p in self.root.glob("step_*"):
+            if p.is_dir() and p.name[5:].isdigit():
+                out.append(int(p.name[5:]))
+        return sorted(out)
+
+    def latest_before(self, step: int) -> Path | None:
+        """The newest complete checkpoint of a step before ``step``, or None."""
+        older = [s for s in self.steps() if s < step]
+        return self.root / step_tag(older[-1]) if older else None
+
+    def abandon_after(self, step: int, tag: str) -> list[str]:
+        """Move checkpoints newer than ``step`` to ``abandoned/`` (a rollback's discarded branch: kept for
+        inspection, out of ``latest`` and retention); returns their names. Rank 0 moves, all wait."""
+        moved = [step_tag(s) for s in self.steps() if s > step]
+        if dist.get_rank() == 0 and moved:
+            dest = self.root / "abandoned"
+            dest.mkdir(exist_ok=True)
+            for name in moved:
+                os.replace(self.root / name, dest / f"{name}-{tag}")
+            latest_tmp = self.root / (LATEST + ".tmp")
+            latest_tmp.write_text(step_tag(step) + "\n")
+            os.replace(latest_tmp, self.root / LATEST)
+            _fsync_dir(self.root)
+        dist.barrier()
+        return moved
+
     def save(self, step: int, client_state: dict[str, Any], rank_state: dict[str, Any]) -> Path:
         """Save; ``client_state`` is shared by all ranks, ``rank_state`` (RNG streams) is per rank."""
         tag = step_tag(step)

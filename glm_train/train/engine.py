@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
 import deepspeed
 import torch
-from torch.optim.lr_scheduler import LambdaLR
 
 from glm_train.config import GLMConfig, Precision
 from glm_train.parallel.grad_norm import clip_grad_norm
 from glm_train.parallel.random import TP_RANDOM
 from glm_train.parallel.topology import ParallelState
 from glm_train.train.pipeline import glm_pipeline
-from glm_train.train.schedules import lr_at
 
 
 def data_parallel_size(cfg: GLMConfig) -> int:
     return int(os.environ.get("WORLD_SIZE", "1")) // (cfg.parallel.tp * cfg.parallel.pp)
+
+
+def _owns_clipping(cfg: GLMConfig) -> bool:
+    return cfg.parallel.zero_stage == 0 and cfg.precision == Precision.fp32
 
 
 def deepspeed_config(cfg: GLMConfig) -> dict[str, Any]:
@@ -28,10 +31,23 @@ def deepspeed_config(cfg: GLMConfig) -> dict[str, Any]:
         "train_batch_size": t.global_batch,
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.global_batch // (t.micro_batch * dp),
-        "gradient_clipping": t.clip_grad,
+        # fp32 without ZeRO uses our own clipping, which DeepSpeed only calls when clipping is on: a
+        # huge threshold keeps it called (the spike guard needs every step's norm) without clipping.
+        "gradient_clipping": t.clip_grad if t.clip_grad > 0 or not _owns_clipping(cfg) else 1e30,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": cfg.precision == Precision.bf16},
+        # Micro-batch gradients of a bf16 model are summed in FP32 (DeepSpeed's BF16 optimizer with
+        # ZeRO-1); bf16 sums lose the small micro-batches' contributions.
+        "data_types": {"grad_accum_dtype": "fp32" if cfg.precision != Precision.fp32 else None},
+        "fp16": {
+            "enabled": cfg.precision == Precision.fp16,
+            "loss_scale": 0,  # dynamic
+            "initial_scale_power": cfg.fp16.initial_scale_power,
+            "loss_scale_window": cfg.fp16.loss_scale_window,
+            "hysteresis": cfg.fp16.hysteresis,
+            "min_loss_scale": cfg.fp16.min_loss_scale,
+        },
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "dump_state": False,
@@ -58,18 +74,13 @@ def build_engine(cfg: GLMConfig, backend: str) -> tuple[deepspeed.PipelineEngine
     t = cfg.train
     optimizer = torch.optim.AdamW(param_groups(module, t.weight_decay), lr=t.lr,
                                   betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
-    for g in optimizer.param_groups:
-        # LambdaLR multiplies each group's initial lr; normalizing by it makes lr_at() absolute.
-        g["initial_lr"] = t.lr
-        g["lr"] = lr_at(0, t)
-
-    def scheduler(opt: torch.optim.Optimizer) -> LambdaLR:
-        return LambdaLR(opt, lambda step: lr_at(step, t) / t.lr)
-
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg))
-    if cfg.parallel.zero_stage == 0 and cfg.precision == Precision.fp32 and t.clip_grad > 0:
-        _own_fp32_clipping(engine, par, t.clip_grad)
+    if cfg.precision == Precision.fp16:
+        _allow_cpu_fp16()
+    # No DeepSpeed LR scheduler: the trainer sets the LR before each step from (step, consumed samples),
+    # so skipped steps, ramp-up and rollbacks cannot shift the schedule.
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg))
+    if _owns_clipping(cfg):
+        _own_fp32_clipping(engine, par, t.clip_grad if t.clip_grad > 0 else math.inf)
     return engine, par
 
 
@@ -82,3 +93,22 @@ def _own_fp32_clipping(engine: deepspeed.PipelineEngine, par: ParallelState, max
         engine._global_grad_norm = clip_grad_norm(engine.module.parameters(), max_norm, tp_rank, group)
 
     engine.clip_fp32_gradients = clip
+
+
+def set_lr(engine: deepspeed.PipelineEngine, lr: float) -> None:
+    """Set the LR of every parameter group (DeepSpeed's optimizer wrappers share the torch groups)."""
+    for g in engine.optimizer.param_groups:
+        g["lr"] = lr
+
+
+def _allow_cpu_fp16() -> None:
+    """DeepSpeed refuses fp16 when the CPU accelerator reports no fp16 support (a host-CPU property).
+
+    Torch computes fp16 on any CPU (slowly, often via conversion), which is all a CPU test of the loss
+    scaler needs; on GPUs the check passes by itself and nothing is changed.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() == "cpu" and not acc.is_fp16_supported():
+        acc.is_fp16_supported = lambda: True  # type: ignore[method-assign]

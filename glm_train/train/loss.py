@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glm_train.parallel.cross_entropy import vocab_parallel_cross_entropy
+from glm_train.model.embedding import shrink_gradient
+from glm_train.parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_logsumexp
 
 
 def masked_token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -31,22 +32,40 @@ class GLMHeadLoss(nn.Module):
         # A plain attribute, not a submodule: the embedding's parameters belong to the pipeline.
         object.__setattr__(self, "_embedding", embedding)
 
-    def scored(self, hidden: torch.Tensor, targets: torch.Tensor,
-               loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(per-token losses, weights) of the scored positions only."""
+    def scored(self, hidden: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor,
+               with_lse: bool = False) -> tuple[torch.Tensor, ...]:
+        """(per-token losses, weights[, log-partition]) of the scored positions only."""
         sel = loss_mask.reshape(-1) != 0
         h = hidden.reshape(-1, hidden.shape[-1])[sel]
         # Under TP each rank scores its vocabulary slice; the loss is reduced without a gather.
         logits = self._embedding.logits(h, gather=False)
         losses = vocab_parallel_cross_entropy(logits, targets.reshape(-1)[sel])
-        return losses, loss_mask.reshape(-1)[sel].float()
+        weights = loss_mask.reshape(-1)[sel].float()
+        if with_lse:
+            return losses, weights, vocab_parallel_logsumexp(logits)
+        return losses, weights
 
     sum_only = False
     """Return the summed loss instead of the mean (evaluation adds sums over micro-batches)."""
 
+    grad_multiplier = 1.0
+    """Fault injection (debug.huge_grad_steps): scales the gradient, not the value, of the loss."""
+
+    z_loss = 0.0
+    """Weight of the z-loss, ``z * mean(logsumexp(logits)^2)`` over scored tokens (PaLM); 0 disables."""
+
     def forward(self, hidden: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         targets, loss_mask = labels
-        losses, weights = self.scored(hidden, targets, loss_mask)
+        if self.z_loss > 0 and not self.sum_only:
+            losses, weights, lse = self.scored(hidden, targets, loss_mask, with_lse=True)
+        else:
+            losses, weights = self.scored(hidden, targets, loss_mask)
         if self.sum_only:
             return (losses * weights).sum()
-        return (losses * weights).sum() / weights.sum().clamp(min=1.0)
+        count = weights.sum().clamp(min=1.0)
+        loss = (losses * weights).sum() / count
+        if self.z_loss > 0:
+            loss = loss + self.z_loss * (lse.square() * weights).sum() / count
+        if self.grad_multiplier != 1.0:
+            loss = shrink_gradient(loss, self.grad_multiplier)
+        return loss

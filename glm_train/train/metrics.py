@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,12 @@ class MetricsWriter:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(_finite_json(record)) + "\n")
+
+
+def _finite_json(record: dict[str, Any]) -> dict[str, Any]:
+    """Strict JSON has no NaN/Infinity (jq and most parsers reject them): write such floats as strings."""
+    return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

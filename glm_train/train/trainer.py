@@ -14,7 +14,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +22,51 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from glm_train.config import GLMConfig, PositionEncoding, SourceKind, from_yaml, to_yaml
+from glm_train.config import GLMConfig, PositionEncoding, Precision, SourceKind, from_yaml, to_yaml
 from glm_train.data.blank_infilling import SpecialIds
 from glm_train.data.dataset import GLMTrainData, ValidationSet, collate
 from glm_train.data.indexed import IndexedDataset, check_fingerprint
 from glm_train.data.tokenizer import GLMTokenizer
 from glm_train.train.checkpoint import CheckpointManager
-from glm_train.train.engine import build_engine, data_parallel_size
+from glm_train.train.engine import build_engine, data_parallel_size, set_lr
+from glm_train.train.guard import SpikeGuard, UpdateGate, Verdict, batch_loss_and_norm
 from glm_train.train.metrics import MetricsWriter, plot_losses
-from glm_train.train.schedules import EGSSchedule
+from glm_train.train.schedules import (
+    EGSSchedule,
+    global_batch_at,
+    lr_at,
+    samples_before_step,
+    uses_sample_schedule,
+)
 
 
 @dataclass
 class TrainState:
     step: int = 0
     consumed_samples: int = 0
+    """Position in the sample stream: samples read so far, including those of skipped updates and
+    the ranges jumped over after a rollback."""
     elapsed_s: float = 0.0
+    skipped_ranges: list[list[int]] = field(default_factory=list)
+    """[start, end) stream positions never to be read again (the data of rolled-back spikes)."""
+    lr_scale: float = 1.0
+    """Product of stability.guard.lr_factor over the rollbacks so far."""
+    egs_override: float | None = None
+    """EGS alpha set by a rollback (stability.guard.egs_alpha); None follows the schedule."""
+    guard_skips: int = 0
+    """Updates the spike guard refused."""
+    rollbacks: int = 0
+
+
+def next_position(pos: int, skipped: list[list[int]]) -> int:
+    """The first stream position at or after ``pos`` outside every skipped range."""
+    moved = True
+    while moved:
+        moved = False
+        for a, b in skipped:
+            if a <= pos < b:
+                pos, moved = b, True
+    return pos
 
 
 def special_ids(tok: GLMTokenizer) -> SpecialIds:
@@ -118,6 +147,15 @@ class Trainer:
         self.egs = EGSSchedule(cfg.stability.egs)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", self.engine, cfg.checkpoint.keep_last)
         self.state = TrainState()
+        self.guard = SpikeGuard(cfg.stability.guard)
+        self.gate = UpdateGate(self.engine)
+        self.loss_fn = getattr(self.engine.module, "loss_fn", None)
+        if self.loss_fn is not None:
+            self.loss_fn.z_loss = cfg.stability.z_loss
+        c = cfg.debug.corrupt_steps
+        self.corrupt = None if c is None else (samples_before_step(c[0], cfg.train),
+                                               samples_before_step(c[1] + 1, cfg.train))
+        self._step_starts: dict[int, int] = {}
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", enabled=self.rank == 0)
         self._wandb: Any = None
 
@@ -165,25 +203,35 @@ class Trainer:
                 print(f"warning: data config changed since the checkpoint ({', '.join(diff)}); "
                       "continuing at the same sample count (data.allow_change=true)", flush=True)
         self.state = TrainState(**client["train_state"])
+        if "guard" in client:
+            self.guard.load_state_dict(client["guard"])
         set_rng_state(rank_state["rng"])
         self.metrics.truncate_after(self.state.step)
         if self.rank == 0:
             print(f"resumed from step {self.state.step} ({self.state.consumed_samples} samples)", flush=True)
 
     def _save(self) -> None:
-        self.ckpt.save(self.state.step, {"train_state": vars(self.state).copy(),
-                                         "data_fingerprint": self.data_fingerprint}, {"rng": rng_state()})
+        self.ckpt.save(self.state.step, {"train_state": copy.deepcopy(vars(self.state)),
+                                         "data_fingerprint": self.data_fingerprint,
+                                         "guard": self.guard.state_dict()}, {"rng": rng_state()})
 
     # ------------------------------------------------------------------ one step
-    def _micro_batches(self) -> list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
-        """This data-parallel rank's micro-batches of the next global batch (contiguous sample ranges)."""
+    def _sample(self, i: int) -> Any:
+        s = self.data.sample(i)
+        if self.corrupt is not None and self.corrupt[0] <= i < self.corrupt[1]:
+            s = corrupt_sample(s, i, self.cfg.train.seed, self.tokenizer.sp_vocab_size)
+        return s
+
+    def _micro_batches(self, first_sample: int, global_batch: int
+                       ) -> list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
+        """This data-parallel rank's micro-batches of a global batch (contiguous sample ranges)."""
         t = self.cfg.train
-        per_rank = t.global_batch // self.dp
-        start = self.state.consumed_samples + self.dp_rank * per_rank
+        per_rank = global_batch // self.dp
+        start = first_sample + self.dp_rank * per_rank
         out = []
         for m in range(per_rank // t.micro_batch):
             first = start + m * t.micro_batch
-            b = collate([self.data.sample(i) for i in range(first, first + t.micro_batch)])
+            b = collate([self._sample(i) for i in range(first, first + t.micro_batch)])
             out.append(((b["input_ids"], b["position_ids"], b["prefix_lengths"]), (b["targets"], b["loss_mask"])))
         return out
 
@@ -194,30 +242,72 @@ class Trainer:
             if isinstance(mod, GLMEmbedding):
                 mod.egs_alpha = alpha
 
-    def train_step(self) -> dict[str, Any]:
-        cfg = self.cfg
-        alpha = self.egs(self.state.step)
+    def train_step(self) -> tuple[dict[str, Any], Verdict | None]:
+        """One optimizer step (or a refused one); returns its metrics and the guard's verdict."""
+        cfg, st = self.cfg, self.state
+        step = st.step + 1
+        first = next_position(st.consumed_samples, st.skipped_ranges)
+        gb = global_batch_at(first, cfg.train)
+        if gb != self.engine.train_batch_size():
+            self.engine.set_train_batch_size(gb)
+        alpha = st.egs_override if st.egs_override is not None else self.egs(st.step)
         self._set_egs(alpha)
-        lr = float(self.engine.get_lr()[0])
-        batches = self._micro_batches()
+        lr = lr_at(st.step, cfg.train, first) * st.lr_scale
+        set_lr(self.engine, lr)
+        if self.loss_fn is not None:
+            huge = cfg.debug.huge_grad_steps
+            self.loss_fn.grad_multiplier = 1e30 if huge and step in huge else 1.0
+        batches = self._micro_batches(first, gb)
+        verdicts: list[Verdict] = []
+
+        g = cfg.stability.guard
+        if g.start_step is not None:
+            judging = step > g.start_step
+        elif uses_sample_schedule(cfg.train):
+            judging = first >= (cfg.train.warmup_samples or 0)
+        else:
+            judging = step > cfg.train.warmup_iters
+
+        def decide() -> bool:
+            loss, norm = batch_loss_and_norm(self.engine)
+            verdicts.append(self.guard.judge(step, loss, norm, judging))
+            return verdicts[-1].apply
+
+        self.gate.arm(decide)
+        skipped_before = self.engine.skipped_steps
         t0 = time.perf_counter()
         loss = self.engine.train_batch(iter(batches))
         dt = time.perf_counter() - t0
-        self.state.step += 1
-        self.state.consumed_samples += cfg.train.global_batch
-        self.state.elapsed_s += dt
+        self._step_starts[step] = first
+        for old in [s for s in self._step_starts if s <= step - cfg.stability.guard.rollback_window - 1]:
+            del self._step_starts[old]
+        st.step = step
+        st.consumed_samples = first + gb
+        st.elapsed_s += dt
+        verdict = verdicts[0] if verdicts else None
+        if verdict is not None and not verdict.apply:
+            st.guard_skips += 1
         grad_norm = self.engine.get_global_grad_norm()
-        return {
-            "step": self.state.step,
+        rec: dict[str, Any] = {
+            "step": step,
             "loss": float(loss),
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "consumed_samples": self.state.consumed_samples,
-            "tokens_per_s": cfg.train.global_batch * cfg.model.seq_length / dt,
+            "consumed_samples": st.consumed_samples,
+            "global_batch": gb,
+            "tokens_per_s": gb * cfg.model.seq_length / dt,
             "step_time_s": dt,
-            "elapsed_s": self.state.elapsed_s,
+            "elapsed_s": st.elapsed_s,
             "egs_alpha": alpha,
+            "update_applied": self.gate.called and self.gate.applied,
         }
+        rec["first_sample"] = first
+        if cfg.precision == Precision.fp16:
+            rec["loss_scale"] = float(self.engine.optimizer.loss_scale)
+            rec["skipped_steps"] = int(self.engine.skipped_steps)
+            if self.engine.skipped_steps > skipped_before:
+                rec["overflow"] = True
+        return rec, verdict
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -271,11 +361,17 @@ class Trainer:
         start_elapsed = self.state.elapsed_s
         last_saved = self.state.step
         while self.state.step < t.iters:
-            rec = self.train_step()
-            if not math.isfinite(rec["loss"]):
+            rec, verdict = self.train_step()
+            if verdict is not None and not verdict.apply:
+                self._log_guard("skip", verdict)
+            elif not math.isfinite(rec["loss"]) and not rec.get("overflow"):
                 raise FloatingPointError(f"non-finite loss at step {rec['step']}: {rec['loss']}")
             if self.state.step % cfg.run.log_every == 0 or self.state.step == t.iters:
                 self._log(rec)
+            if verdict is not None and verdict.rollback:
+                self._rollback(verdict)
+                last_saved = self.state.step
+                continue
             # Training seconds of this process (evaluation and checkpointing excluded).
             out_of_time = t.max_seconds is not None and self.state.elapsed_s - start_elapsed >= t.max_seconds
             interrupted = out_of_time or self.state.step == t.exit_at_step
@@ -304,6 +400,59 @@ class Trainer:
             self._wandb.finish()
         return self.state
 
+    # ------------------------------------------------------------------ spike guard
+    def _log_guard(self, event: str, verdict: Verdict | None = None, **extra: Any) -> None:
+        rec: dict[str, Any] = {"step": self.state.step, "guard_event": event}
+        if verdict is not None:
+            rec.update(reason=verdict.reason, loss=verdict.loss, grad_norm=verdict.grad_norm,
+                       loss_median=verdict.loss_median, grad_median=verdict.grad_median)
+        rec.update(extra)
+        self.metrics.write(rec)
+        if self.rank == 0:
+            detail = ", ".join(f"{k}={v}" for k, v in rec.items() if k not in ("step", "guard_event"))
+            print(f"\nguard: {event} at step {self.state.step}: {detail}", flush=True)
+
+    def _rollback(self, verdict: Verdict) -> None:
+        """Return to the last checkpoint before the spike region and never read its data again."""
+        g = self.cfg.stability.guard
+        st = self.state
+        first_spike = self.guard.region_start(st.step)
+        region = [self._step_starts.get(first_spike, st.consumed_samples), st.consumed_samples]
+        target = self.ckpt.latest_before(first_spike)
+        if target is None:
+            self._log_guard("rollback_unavailable", verdict, region=region,
+                            why="no checkpoint before the spike region; skipping updates only")
+            return
+        if st.rollbacks >= g.max_rollbacks:
+            self._log_guard("rollback_limit", verdict, region=region)
+            raise RuntimeError(f"spike guard: {st.rollbacks} rollbacks already (stability.guard.max_rollbacks="
+                               f"{g.max_rollbacks}); stopping instead of looping")
+        keep = {"skipped_ranges": st.skipped_ranges + [region], "rollbacks": st.rollbacks + 1,
+                "lr_scale": st.lr_scale * g.lr_factor, "guard_skips": st.guard_skips,
+                "egs_override": g.egs_alpha if g.egs_alpha is not None else st.egs_override}
+        from_step = st.step
+        abandoned = self.ckpt.abandon_after(int(target.name.split("_")[1]), tag=f"rollback{keep['rollbacks']}")
+        client, rank_state = self.ckpt.load(str(target))
+        self.state = TrainState(**{**client["train_state"], **keep})
+        self.guard.load_state_dict(client["guard"])
+        set_rng_state(rank_state["rng"])
+        self._step_starts.clear()
+        self._log_guard("rollback", verdict, from_step=from_step, to_step=self.state.step,
+                        skipped_samples=region, lr_scale=self.state.lr_scale,
+                        egs_override=self.state.egs_override, abandoned=abandoned)
+        self._write_skipped()
+        # The checkpoint now carries the new skipped range, so a crash from here resumes past it.
+        self._save()
+
+    def _write_skipped(self) -> None:
+        if self.rank != 0:
+            return
+        path = self.run_dir / "skipped_samples.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"skipped_ranges": self.state.skipped_ranges,
+                                   "rollbacks": self.state.rollbacks}, indent=1) + "\n")
+        os.replace(tmp, path)
+
     def _log(self, rec: dict[str, Any]) -> None:
         self.metrics.write(rec)
         if self._wandb is not None:
@@ -326,6 +475,21 @@ class Trainer:
         self._wandb = wandb.init(project=self.cfg.run.wandb_project, dir=str(self.run_dir),
                                  mode=self.cfg.run.wandb_mode,
                                  config=OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True))
+
+
+def corrupt_sample(sample: Any, index: int, seed: int, n_regular: int) -> Any:
+    """Fault injection: the sample's regular tokens (inputs and targets) become random ones; special
+    tokens, positions and masks stay, so only the data is bad."""
+    rng = np.random.default_rng([seed, index, 0xBAD])
+    out = copy.copy(sample)
+    ids = np.array(sample.input_ids, copy=True)
+    regular = ids < n_regular
+    ids[regular] = rng.integers(0, n_regular, int(regular.sum()))
+    tgt = np.array(sample.targets, copy=True)
+    scored = tgt < n_regular
+    tgt[scored] = rng.integers(0, n_regular, int(scored.sum()))
+    out.input_ids, out.targets = ids, tgt
+    return out
 
 
 def shutdown() -> None:
