@@ -21,10 +21,10 @@ COMMON = ["model=tiny", "model.layers=4", "train.iters=5", "train.micro_batch=2"
 RTOL = 1e-5
 
 
-def _launch(tiny_data, run_dir: Path, nproc: int, *extra: str) -> list[dict]:
+def _launch(tiny_data, run_dir: Path, nproc: int, *extra: str, common: list[str] = COMMON) -> list[dict]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "glm_train.cli.train", *data_overrides(tiny_data), *COMMON, f"run.dir={run_dir}", *extra]
+           "-m", "glm_train.cli.train", *data_overrides(tiny_data), *common, f"run.dir={run_dir}", *extra]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400, env=env)
     assert r.returncode == 0, f"{extra} failed:\n{r.stdout[-3000:]}\n{r.stderr[-4000:]}"
     return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -85,3 +85,31 @@ def test_tp2_pp2_resume_and_recompute_are_exact_with_dropout(tiny_data, tmp_path
     steps = [r for r in full if "loss" in r]
     assert [r["loss"] for r in steps] == [r["loss"] for r in resumed if "loss" in r]
     assert [r["grad_norm"] for r in steps] == [r["grad_norm"] for r in resumed if "loss" in r]
+
+
+def test_rampup_pp2_dp2_matches_one_process(tiny_data, tmp_path):
+    # micro 2 x dp 2: the batch grows 4 -> 8 after 8 samples, on 4 ranks as on one.
+    ramp = ["train.rampup.start=4", "train.rampup.increment=4", "train.rampup.samples=8"]
+    ref = _launch(tiny_data, tmp_path / "ref", 1, *ramp)
+    got = _launch(tiny_data, tmp_path / "run", 4, *_layout(1, 2, 2)[1], *ramp)
+    steps = [r for r in got if "loss" in r]
+    assert [r["global_batch"] for r in steps] == [4, 4, 8, 8, 8]
+    _compare(ref, got, RTOL)
+
+
+GUARD = ["model=tiny", "train.micro_batch=4", "train.global_batch=8", "train.lr=3e-3", "train.warmup_iters=2",
+         "train.progress=false", "train.iters=40", "checkpoint.every=10", "eval.every=40", "eval.max_samples=8",
+         "debug.corrupt_steps=[25,29]"]
+
+
+def test_guard_rollback_pp2_matches_one_process(tiny_data, tmp_path):
+    ref = _launch(tiny_data, tmp_path / "ref", 1, common=GUARD)
+    got = _launch(tiny_data, tmp_path / "pp2", 2, "parallel.pp=2", common=GUARD)
+
+    def events(recs: list[dict]) -> list[tuple]:
+        return [(r["step"], r["guard_event"], r.get("reason")) for r in recs if "guard_event" in r]
+
+    assert ("rollback" in [e[1] for e in events(ref)]) and events(got) == events(ref)
+    _compare([r for r in ref if "guard_event" not in r], [r for r in got if "guard_event" not in r], RTOL)
+    assert json.loads((tmp_path / "pp2" / "skipped_samples.json").read_text()) == \
+        json.loads((tmp_path / "ref" / "skipped_samples.json").read_text())

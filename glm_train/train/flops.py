@@ -18,6 +18,11 @@ may see keys after it, and the masked SDPA/eager kernels compute every score any
 forward does; a GLM batch scores on average a bit under half). Training costs 3x the forward pass
 (the backward computes the input and the weight gradients, each as large as the forward matmul).
 
+Example, configs/model/glm-1b.yaml (N=24, h=2048, I=5504, s=2048) with V=50,432: 117.96 MFLOP per
+block per token, 206.57 MFLOP for the head, so 9.113 GFLOP per trained token with the head on every
+position and 8.803 GFLOP with it on half of them (Part B), against 6 x 1.214e9 = 7.286 GFLOP from the
+"6 x parameters" rule, which leaves out attention's 4sh and the head.
+
 Activation checkpointing recomputes each transformer block's forward in the backward pass: that is
 work the hardware does but the model does not need, so it enters :func:`hardware_flops_per_token`
 (for HFU) and not :func:`model_flops_per_token` (for MFU).
@@ -51,9 +56,9 @@ def model_flops_per_token(model_cfg: ModelConfig, seq_length: int, scored_fracti
     """
     if not 0.0 <= scored_fraction <= 1.0:
         raise ValueError(f"scored_fraction must lie in [0, 1], got {scored_fraction}")
-    forward = (model_cfg.layers * block_forward_flops_per_token(model_cfg, seq_length)
-               + scored_fraction * head_forward_flops_per_token(model_cfg))
-    return 3.0 * forward
+    blocks = model_cfg.layers * block_forward_flops_per_token(model_cfg, seq_length)
+    head = scored_fraction * head_forward_flops_per_token(model_cfg)
+    return 3.0 * (blocks + head)
 
 
 def recomputed_blocks(layers: int, activation_checkpoint_interval: int) -> int:
@@ -75,8 +80,12 @@ def recomputed_blocks(layers: int, activation_checkpoint_interval: int) -> int:
     return total
 
 
-def hardware_flops_per_token(model_cfg: ModelConfig, seq_length: int, scored_fraction: float = 1.0,
-                             activation_checkpoint_interval: int = 0) -> float:
+def hardware_flops_per_token(
+    model_cfg: ModelConfig,
+    seq_length: int,
+    scored_fraction: float = 1.0,
+    activation_checkpoint_interval: int = 0,
+) -> float:
     """FLOPs the hardware executes per token: the model's, plus one more forward of each block that
     activation checkpointing recomputes (:func:`recomputed_blocks`; all of them at interval 1). The
     embedding and the head are never recomputed."""

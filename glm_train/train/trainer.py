@@ -285,6 +285,10 @@ class Trainer:
         st.consumed_samples = first + gb
         st.elapsed_s += dt
         verdict = verdicts[0] if verdicts else None
+        if not self.gate.called and cfg.precision != Precision.fp16:
+            # DeepSpeed refused the update itself (a non-finite norm under ZeRO or the bf16 optimizer):
+            # the same event as the guard's own non-finite refusal.
+            verdict = self.guard.judge(step, float(loss), math.inf, judging)
         if verdict is not None and not verdict.apply:
             st.guard_skips += 1
         grad_norm = self.engine.get_global_grad_norm()
@@ -302,9 +306,9 @@ class Trainer:
             "update_applied": self.gate.called and self.gate.applied,
         }
         rec["first_sample"] = first
+        rec["skipped_steps"] = int(self.engine.skipped_steps)
         if cfg.precision == Precision.fp16:
             rec["loss_scale"] = float(self.engine.optimizer.loss_scale)
-            rec["skipped_steps"] = int(self.engine.skipped_steps)
             if self.engine.skipped_steps > skipped_before:
                 rec["overflow"] = True
         return rec, verdict
