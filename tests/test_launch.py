@@ -196,14 +196,24 @@ def test_model_presets(monkeypatch: pytest.MonkeyPatch, preset: str, layers: int
 
 
 def test_glm_130b_3d_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    from glm_train.config import ConfigError, Precision, validate
+    from glm_train.config import Precision, validate
 
     cfg = _compose("glm-130b-3d", [])
     p, t, m = cfg.parallel, cfg.train, cfg.model
     assert (p.tp, p.pp, p.zero_stage, p.activation_checkpoint_interval, p.partition) == (4, 8, 1, 1, "glm")
     assert (t.micro_batch, t.global_batch, t.lr, t.min_lr) == (1, 4224, 8e-5, 8e-6)
     assert (m.layers, m.hidden, m.heads) == (70, 12288, 96)
-    assert cfg.precision == Precision.bf16 and cfg.run.dir == "runs/glm-130b"
+    assert cfg.precision == Precision.fp16 and cfg.run.dir == "runs/glm-130b"
+    assert (cfg.fp16.initial_scale_power, cfg.fp16.loss_scale_window, cfg.fp16.hysteresis,
+            cfg.fp16.min_loss_scale) == (16, 2000, 2, 1.0)
+    # SPEC: ramp-up 192 -> 4224 in steps of 24 over ~2.5% of the samples; LR warm-up over 0.5%.
+    from glm_train.train.schedules import global_batch_at, total_samples
+
+    total = total_samples(t)
+    assert abs(total - 400e9 / 2048) / total < 1e-4
+    assert (t.rampup.start, t.rampup.increment) == (192, 24) and abs(t.rampup.samples / total - 0.025) < 1e-3
+    assert abs(t.warmup_samples / total - 0.005) < 1e-3 and t.warmup_init_lr == 1e-7
+    assert global_batch_at(0, t) == 192 and global_batch_at(t.rampup.samples, t) == 4224
     world = 96 * 8
     dp = world // (p.tp * p.pp)
     assert dp == 24 and t.global_batch // (t.micro_batch * dp) == 176  # micro-batches per pipeline
@@ -212,12 +222,7 @@ def test_glm_130b_3d_config(monkeypatch: pytest.MonkeyPatch) -> None:
     flat = _compose("glm-130b-3d", ["parallel.tp=1", "parallel.pp=1"])
     validate(flat, check_paths=False)
     monkeypatch.setenv("WORLD_SIZE", str(world))
-    try:
-        validate(cfg, check_paths=False)
-    except ConfigError as e:
-        if "until 3D parallelism lands" not in str(e):
-            raise
-        pytest.skip(f"tp/pp > 1 still refused by glm_train/config.py ({e}); all other checks passed")
+    validate(cfg, check_paths=False)
 
 
 # --- (d) two data-parallel ranks through torchrun -----------------------------------------------------
