@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from glm_train.parallel.cross_entropy import vocab_parallel_cross_entropy
+from glm_train.parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_logsumexp
 from glm_train.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -95,6 +95,16 @@ def _check(rank: int) -> None:
     w = torch.arange(1, 7, dtype=torch.float32)
     (loss * w).sum().backward()
     (ref * w).sum().backward()
+    torch.testing.assert_close(local.grad, ref_in.grad.chunk(WORLD, dim=-1)[rank], rtol=1e-6, atol=1e-6)
+
+    # Vocab-parallel logsumexp (the z-loss) against torch.logsumexp, value and gradient.
+    local = full.chunk(WORLD, dim=-1)[rank].clone().requires_grad_(True)
+    lse = vocab_parallel_logsumexp(local)
+    ref_in = full.clone().requires_grad_(True)
+    ref = torch.logsumexp(ref_in, dim=-1)
+    torch.testing.assert_close(lse, ref, rtol=1e-6, atol=1e-6)
+    (lse.square() * w).sum().backward()
+    (ref.square() * w).sum().backward()
     torch.testing.assert_close(local.grad, ref_in.grad.chunk(WORLD, dim=-1)[rank], rtol=1e-6, atol=1e-6)
 
     # TP-aware RNG: the default stream agrees across TP ranks, the forked (sharded) one differs,
