@@ -7,9 +7,11 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
-# Tests run on CPU; set before anything imports DeepSpeed.
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Tests run on CPU unless a GPU is present (tests/test_gpu.py); set before anything imports DeepSpeed.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # bitwise-reproducible MKL, as glm_train.env sets it
 

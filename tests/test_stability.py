@@ -229,7 +229,7 @@ def test_bf16_and_fp16_follow_the_fp32_curve(tiny_data, tmp_path):
     """50 steps: the per-step losses of bf16 and fp16 stay within a documented tolerance of fp32."""
     args = ["train.iters=50", "eval.every=50", "checkpoint.every=0"]
     ref = _train(tiny_data, tmp_path / "fp32", *args)
-    # Measured here: bf16 at most 3.5e-4 relative per step (5e-4 on validation), fp16 2e-5.
+    # Measured here: bf16 at most 4e-4 relative per step (4e-4 on validation), fp16 2e-5.
     for prec, tol_step, tol_val in [("bf16", 1e-2, 5e-3), ("fp16", 2e-3, 1e-3)]:
         got = _train(tiny_data, tmp_path / prec, f"precision={prec}", *args)
         a, b = _steps(ref), _steps(got)
@@ -315,3 +315,34 @@ def test_guard_skips_rolls_back_and_never_learns_from_corrupt_data(corrupted_gua
     end = [r for r in recs if "val_loss_en" in r][-1]
     for k in ("val_loss_en", "val_loss_zh"):
         assert abs(end[k] - end_clean[k]) / end_clean[k] < 0.05, (k, end[k], end_clean[k])
+
+
+def test_fp32_gradient_accumulation_rounds_once():
+    """16 micro-batches into a bf16 parameter: our sum is the FP32 sum rounded once; plain bf16
+    accumulation (what .grad does by itself) drifts much further."""
+    from glm_train.train.grad_accum import FP32GradAccumulator
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(64, 64).to(torch.bfloat16))
+    xs = [torch.randn(8, 64).to(torch.bfloat16) for _ in range(16)]
+    micro = []
+    for x in xs:  # each micro-batch's own bf16 gradient, as the backward pass produces it
+        p = torch.nn.Parameter(w.detach().clone())
+        (x @ p).sum().backward()
+        micro.append(p.grad.float())
+    exact = torch.stack(micro).sum(0)
+    naive = torch.nn.Parameter(w.detach().clone())
+    for x in xs:
+        (x @ naive).sum().backward()
+    acc = FP32GradAccumulator([w])
+    for x in xs:
+        (x @ w).sum().backward()
+        assert w.grad is None  # moved into the FP32 sum after each backward
+    acc.flush()
+    assert w.grad.dtype == torch.bfloat16
+    assert torch.equal(w.grad, exact.to(torch.bfloat16))
+    err_ours = (w.grad.float() - exact).abs().mean()
+    err_naive = (naive.grad.float() - exact).abs().mean()
+    assert err_naive > 2 * err_ours, (float(err_naive), float(err_ours))
+    acc.flush()  # idempotent
+    assert torch.equal(w.grad, exact.to(torch.bfloat16))

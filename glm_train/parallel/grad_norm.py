@@ -26,8 +26,9 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter], tp_rank: int,
             continue
         s = p.grad.detach().float().pow(2).sum()
         sq = s if sq is None else sq + s
-    if sq is None:
-        sq = torch.zeros((), dtype=torch.float32)
+    if sq is None:  # a rank without gradients still joins the reduction, on the backend's device
+        nccl = dist.is_initialized() and dist.get_backend() == "nccl"
+        sq = torch.zeros((), dtype=torch.float32, device="cuda" if nccl else "cpu")
     sq = sq.reshape(1)
     if model_parallel_group is not None and dist.get_world_size(model_parallel_group) > 1:
         dist.all_reduce(sq, group=model_parallel_group)

@@ -13,6 +13,7 @@ from glm_train.config import GLMConfig, Precision
 from glm_train.parallel.grad_norm import clip_grad_norm
 from glm_train.parallel.random import TP_RANDOM
 from glm_train.parallel.topology import ParallelState
+from glm_train.train.grad_accum import install_fp32_grad_accumulation
 from glm_train.train.pipeline import glm_pipeline
 
 
@@ -37,9 +38,8 @@ def deepspeed_config(cfg: GLMConfig) -> dict[str, Any]:
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": cfg.precision == Precision.bf16},
-        # Micro-batch gradients of a bf16 model are summed in FP32 (DeepSpeed's BF16 optimizer with
-        # ZeRO-1); bf16 sums lose the small micro-batches' contributions.
-        "data_types": {"grad_accum_dtype": "fp32" if cfg.precision != Precision.fp32 else None},
+        # Not DeepSpeed's own FP32 accumulation (wrong under pp > 1): train/grad_accum.py does it.
+        "data_types": {"grad_accum_dtype": None},
         "fp16": {
             "enabled": cfg.precision == Precision.fp16,
             "loss_scale": 0,  # dynamic
@@ -79,6 +79,9 @@ def build_engine(cfg: GLMConfig, backend: str) -> tuple[deepspeed.PipelineEngine
     # No DeepSpeed LR scheduler: the trainer sets the LR before each step from (step, consumed samples),
     # so skipped steps, ramp-up and rollbacks cannot shift the schedule.
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg))
+    if cfg.precision != Precision.fp32:
+        # Micro-batch gradients are summed in FP32, not in the model's 8/11-bit mantissa.
+        engine.fp32_grad_accumulator = install_fp32_grad_accumulation(engine)
     if _owns_clipping(cfg):
         _own_fp32_clipping(engine, par, t.clip_grad if t.clip_grad > 0 else math.inf)
     return engine, par
@@ -112,3 +115,4 @@ def _allow_cpu_fp16() -> None:
     acc = get_accelerator()
     if acc.device_name() == "cpu" and not acc.is_fp16_supported():
         acc.is_fp16_supported = lambda: True  # type: ignore[method-assign]
+
