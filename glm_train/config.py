@@ -220,6 +220,8 @@ class CheckpointConfig:
     """Explicit checkpoint folder to resume from; None means ``<run.dir>/checkpoints/latest``."""
     keep_last: int = 3
     """Keep this many most recent checkpoints; 0 keeps all."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this (milestones); 0: none."""
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,9 @@ import torch
 import torch.distributed as dist
 
 LATEST = "latest"
+KILL_IN_SAVE_ENV = "GLM_TRAIN_KILL_IN_SAVE"
+"""Crash drill: SIGKILL this process in the middle of saving the step it names (files written to the
+temporary folder, nothing renamed yet)."""
 
 
 def step_tag(step: int) -> str:
@@ -34,8 +38,8 @@ def _fsync_dir(path: Path) -> None:
 class CheckpointManager:
     """Save/load through the DeepSpeed engine with atomic publication and retention."""
 
-    def __init__(self, root: Path, engine: Any, keep_last: int = 0) -> None:
-        self.root, self.engine, self.keep_last = Path(root), engine, keep_last
+    def __init__(self, root: Path, engine: Any, keep_last: int = 0, keep_every: int = 0) -> None:
+        self.root, self.engine, self.keep_last, self.keep_every = Path(root), engine, keep_last, keep_every
 
     def latest(self) -> Path | None:
         f = self.root / LATEST
@@ -87,6 +91,8 @@ class CheckpointManager:
         dist.barrier()
         self.engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state, save_latest=False)
         torch.save(rank_state, self.root / tmp_tag / f"rank_state_{dist.get_rank():05d}.pt")
+        if os.environ.get(KILL_IN_SAVE_ENV) == str(step):  # crash drill: die with the save half done
+            os.kill(os.getpid(), signal.SIGKILL)
         dist.barrier()
         final = self.root / tag
         if rank0:
@@ -114,7 +120,8 @@ class CheckpointManager:
             shutil.rmtree(p, ignore_errors=True)
         if self.keep_last > 0:
             for p in steps[:-self.keep_last]:
-                if p.name != newest:
+                milestone = self.keep_every > 0 and int(p.name[5:]) % self.keep_every == 0
+                if p.name != newest and not milestone:
                     shutil.rmtree(p, ignore_errors=True)
 
     def load(self, path: str | None = None) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -139,4 +146,7 @@ class CheckpointManager:
         if not rank_file.is_file():
             raise RuntimeError(f"cannot resume from {target}: {rank_file.name} is missing (saved with another "
                                "world size? resharding is not supported yet)")
-        return client, torch.load(rank_file, map_location="cpu", weights_only=False)
+        try:
+            return client, torch.load(rank_file, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise RuntimeError(f"cannot read {rank_file}: {type(e).__name__}: {e}") from e

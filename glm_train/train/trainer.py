@@ -85,8 +85,15 @@ def resolve_vocab(cfg: GLMConfig, tok: GLMTokenizer) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """This rank's random state: python, numpy, torch CPU and CUDA (TP-sharded dropout derives from it)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This rank's random state: python, numpy, torch CPU and CUDA (TP-sharded dropout derives from it).
+
+    Only tuples, numbers, strings and tensors, so it loads with ``torch.load(weights_only=True)``.
+    """
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss),
+                       float(cached)),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -94,7 +101,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -145,7 +153,8 @@ class Trainer:
         self.dp = data_parallel_size(cfg)
         self.dp_rank = self.par.get_data_parallel_rank()
         self.egs = EGSSchedule(cfg.stability.egs)
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", self.engine, cfg.checkpoint.keep_last)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", self.engine, cfg.checkpoint.keep_last,
+                                      cfg.checkpoint.keep_every)
         self.state = TrainState()
         self.guard = SpikeGuard(cfg.stability.guard)
         self.gate = UpdateGate(self.engine)
@@ -186,11 +195,29 @@ class Trainer:
             os.replace(tmp, cfg_path)
         dist.barrier()
 
-    def _resume(self) -> None:
+    def _record(self, event: dict[str, Any]) -> None:
+        """Append ``event`` to the run manifest (rank 0)."""
+        if self.rank != 0:
+            return
+        from omegaconf import OmegaConf
+
+        from glm_train.train.manifest import update_manifest
+
+        cfg = self.cfg
+        layout = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": self.dp, "world_size": dist.get_world_size(),
+                  "zero_stage": cfg.parallel.zero_stage, "precision": cfg.precision.value,
+                  "backend": dist.get_backend(),
+                  "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+        update_manifest(self.run_dir, config=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
+                        layout=layout, data_fingerprint=self.data_fingerprint, event=event)
+
+    def _resume(self) -> str | None:
+        """Restore the latest (or checkpoint.load) checkpoint; returns its folder, None on a fresh start."""
+        target = self.cfg.checkpoint.load or self.ckpt.latest()
         loaded = self.ckpt.load(self.cfg.checkpoint.load)
         if loaded is None:
             self.metrics.truncate_after(-1)
-            return
+            return None
         client, rank_state = loaded
         saved = client.get("data_fingerprint")
         if saved is not None and saved != self.data_fingerprint:
@@ -209,6 +236,7 @@ class Trainer:
         self.metrics.truncate_after(self.state.step)
         if self.rank == 0:
             print(f"resumed from step {self.state.step} ({self.state.consumed_samples} samples)", flush=True)
+        return str(target)
 
     def _save(self) -> None:
         self.ckpt.save(self.state.step, {"train_state": copy.deepcopy(vars(self.state)),
@@ -355,7 +383,9 @@ class Trainer:
     def fit(self) -> TrainState:
         cfg = self.cfg
         self._prepare_run_dir()
-        self._resume()
+        resumed_from = self._resume()
+        self._record({"event": "resume" if resumed_from else "start", "step": self.state.step,
+                      "consumed_samples": self.state.consumed_samples, "checkpoint": resumed_from})
         self._init_wandb()
         t = cfg.train
         evaluate_every = cfg.eval.every
@@ -445,6 +475,8 @@ class Trainer:
                         skipped_samples=region, lr_scale=self.state.lr_scale,
                         egs_override=self.state.egs_override, abandoned=abandoned)
         self._write_skipped()
+        self._record({"event": "rollback", "step": self.state.step, "from_step": from_step,
+                      "skipped_samples": region, "checkpoint": str(target)})
         # The checkpoint now carries the new skipped range, so a crash from here resumes past it.
         self._save()
 

@@ -1,0 +1,1 @@
+"""Checkpoint conversions: consolidated export, resharding, SwissArmyTransformer (GLM-130B) import."""
