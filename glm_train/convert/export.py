@@ -233,7 +233,8 @@ def write_export(out_dir: str | Path, model_cfg: ModelConfig, tensors: Iterable[
                  meta: dict[str, Any] | None = None) -> Path:
     """Write an export folder atomically; ``dtype`` casts floating tensors (None keeps theirs)."""
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
+    refuse_to_replace(out, is_export, "a glm_train export")
+    tmp = out.with_name(f"{out.name}.tmp.{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     seen_dtypes: set[str] = set()
@@ -262,6 +263,12 @@ def write_export(out_dir: str | Path, model_cfg: ModelConfig, tensors: Iterable[
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def refuse_to_replace(out: Path, same_kind: Any, what: str) -> None:
+    """An output folder is only ever replaced by one of its own kind: never delete a user's other data."""
+    if out.exists() and not (out.is_dir() and (same_kind(out) or not any(out.iterdir()))):
+        raise ValueError(f"{out} exists and is not {what} (nor empty): refusing to replace it")
 
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:

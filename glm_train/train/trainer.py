@@ -213,8 +213,14 @@ class Trainer:
 
     def _resume(self) -> str | None:
         """Restore the latest (or checkpoint.load) checkpoint; returns its folder, None on a fresh start."""
-        target = self.cfg.checkpoint.load or self.ckpt.latest()
-        loaded = self.ckpt.load(self.cfg.checkpoint.load)
+        from glm_train.convert.reshard import is_layout_free
+
+        own_latest = self.ckpt.latest()
+        load = self.cfg.checkpoint.load
+        if load and is_layout_free(load) and own_latest is None:
+            return self._load_layout_free(load)
+        target = load or own_latest
+        loaded = self.ckpt.load(load if load and not is_layout_free(load) else None)
         if loaded is None:
             self.metrics.truncate_after(-1)
             return None
@@ -237,6 +243,32 @@ class Trainer:
         if self.rank == 0:
             print(f"resumed from step {self.state.step} ({self.state.consumed_samples} samples)", flush=True)
         return str(target)
+
+    def _load_layout_free(self, path: str) -> str:
+        """Start from a resharded (layout-free) checkpoint: weights, Adam state, trainer and guard state.
+
+        Per-rank RNG streams do not carry over to another layout: they restart from (seed, step)."""
+        from glm_train.convert.reshard import load_layout_free
+        from glm_train.parallel.random import TP_RANDOM
+
+        client = load_layout_free(self.engine, path, self.cfg.model.layers,
+                                  self.par.get_tensor_model_parallel_rank(), self.cfg.parallel.tp)
+        saved = client.get("data_fingerprint")
+        if saved is not None and saved != self.data_fingerprint and not self.cfg.data.allow_change:
+            diff = [k for k in self.data_fingerprint if saved.get(k) != self.data_fingerprint[k]]
+            raise ValueError(f"the data config differs from the checkpoint's ({', '.join(diff)}); set "
+                             "data.allow_change=true to resume anyway")
+        self.state = TrainState(**client["train_state"])
+        if "guard" in client:
+            self.guard.load_state_dict(client["guard"])
+        seed = self.cfg.train.seed + self.state.step
+        seed_everything(seed)
+        TP_RANDOM.seed(seed, self.par.get_pipeline_model_parallel_rank(), self.par.get_tensor_model_parallel_rank())
+        self.metrics.truncate_after(self.state.step)
+        if self.rank == 0:
+            print(f"started from the layout-free checkpoint {path} at step {self.state.step} "
+                  f"({self.state.consumed_samples} samples)", flush=True)
+        return path
 
     def _save(self) -> None:
         self.ckpt.save(self.state.step, {"train_state": copy.deepcopy(vars(self.state)),
