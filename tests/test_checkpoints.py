@@ -262,3 +262,17 @@ def test_damaged_checkpoints_fail_clearly_and_overwrite_nothing(tp2pp2_run, tmp_
     cfg_file.write_text(cfg_file.read_text().replace("hidden: 64", "hidden: 96"))
     with pytest.raises(ValueError, match="shape"):
         load_model(other)
+
+
+def test_new_run_starts_from_an_export_in_another_layout(tiny_data, tp2pp2_run, tmp_path):
+    """checkpoint.load=EXPORT (e.g. GLM-130B weights from glm-import-sat): weights carried, step 0."""
+    out = tmp_path / "export"
+    assert _export(tp2pp2_run, out).returncode == 0
+    recs = _launch(tiny_data, tmp_path / "cont", 2, [*BASE, "train.iters=1", "eval.every=1", "parallel.tp=2",
+                                                       f"checkpoint.load={out}"])
+    assert [r["step"] for r in recs] == [1]
+    start = [x for x in _records(tmp_path / "cont") if "val_loss_en" in x][0]
+    source_end = [x for x in _records(tp2pp2_run) if "val_loss_en" in x][-1]
+    assert start["step"] == 0
+    for k in ("val_loss_en", "val_loss_zh"):
+        assert abs(start[k] - source_end[k]) < 1e-5, (k, start[k], source_end[k])

@@ -227,3 +227,30 @@ def load_layout_free(engine: Any, path: str | Path, num_layers: int, tp_rank: in
                 base.state[p] = {"step": torch.tensor(float(steps[group_of[id(p)]])),
                                  "exp_avg": shard["exp_avg"].clone(), "exp_avg_sq": shard["exp_avg_sq"].clone()}
     return meta["client_state"]
+
+
+def load_export_weights(engine: Any, path: str | Path, num_layers: int, tp_rank: int, tp_size: int) -> None:
+    """Initialize ``engine``'s weights (and FP32 masters) from an export; the optimizer starts fresh.
+
+    How a released model (e.g. GLM-130B imported with glm-import-sat) continues training here."""
+    from safetensors import safe_open
+
+    zero = hasattr(engine.optimizer, "single_partition_of_fp32_groups")
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+        for name, p in engine.module.named_parameters():
+            key = model_key(name, num_layers)
+            if key is None:
+                continue
+            if key not in keys:
+                raise ValueError(f"{path}: the export lacks {key}")
+            shard = split_tp(key, f.get_tensor(key), tp_rank, tp_size).float()
+            if tuple(shard.shape) != tuple(p.shape):
+                raise ValueError(f"{path}: {key} has shard shape {tuple(shard.shape)}, this layout's parameter "
+                                 f"is {tuple(p.shape)} (another model config?)")
+            with torch.no_grad():
+                p.copy_(shard.to(p.dtype))
+            if zero:
+                safe_set_full_fp32_param(p, shard)

@@ -213,12 +213,15 @@ class Trainer:
 
     def _resume(self) -> str | None:
         """Restore the latest (or checkpoint.load) checkpoint; returns its folder, None on a fresh start."""
+        from glm_train.convert.export import is_export
         from glm_train.convert.reshard import is_layout_free
 
         own_latest = self.ckpt.latest()
         load = self.cfg.checkpoint.load
         if load and is_layout_free(load) and own_latest is None:
             return self._load_layout_free(load)
+        if load and is_export(load) and own_latest is None:
+            return self._init_from_export(load)
         target = load or own_latest
         loaded = self.ckpt.load(load if load and not is_layout_free(load) else None)
         if loaded is None:
@@ -243,6 +246,25 @@ class Trainer:
         if self.rank == 0:
             print(f"resumed from step {self.state.step} ({self.state.consumed_samples} samples)", flush=True)
         return str(target)
+
+    def _init_from_export(self, path: str) -> str:
+        """Start a new run from an export's weights (step 0, fresh optimizer): continued pre-training of a
+        released or imported model."""
+        from glm_train.convert.export import model_config_from_dict, read_export_config
+        from glm_train.convert.reshard import load_export_weights
+
+        exported = model_config_from_dict(read_export_config(path)["model"])
+        if exported != self.cfg.model:
+            diff = [f.name for f in dataclasses.fields(exported)
+                    if getattr(exported, f.name) != getattr(self.cfg.model, f.name)]
+            raise ValueError(f"checkpoint.load={path}: the export's model config differs in {', '.join(diff)}; "
+                             "use its model settings")
+        load_export_weights(self.engine, path, self.cfg.model.layers, self.par.get_tensor_model_parallel_rank(),
+                            self.cfg.parallel.tp)
+        self.metrics.truncate_after(-1)
+        if self.rank == 0:
+            print(f"initialized the weights from the export {path}; optimizer and data start fresh", flush=True)
+        return path
 
     def _load_layout_free(self, path: str) -> str:
         """Start from a resharded (layout-free) checkpoint: weights, Adam state, trainer and guard state.
