@@ -11,6 +11,7 @@
 #      bf16 ZeRO-1 training + checkpoint + resume, fp32 GPU vs CPU training)
 #   2. python3 benchmarks/gpu_mfu.py: MFU of the ~1B GLM (configs/model/glm-1b.yaml) in bf16,
 #      micro-batch 8, then 4, 2, 1 after an out-of-memory
+#   3. python3 benchmarks/plan_check.py: glm-plan's memory estimate against measured peaks
 # Logs and JSON go to $OUT (default /tmp/gpu_out); a summary table is printed at the end.
 # Dry run without a GPU: PYTHON=.venv/bin/python GLM_GPU_TESTS_ON_CPU=1 GPU_MFU_MICRO_BATCHES=2 \
 #   GPU_MFU_ARGS="--device cpu --layers 2 --hidden 128 --heads 4 --seq 128 --steps 3 --warmup 1" \
@@ -21,7 +22,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-/tmp/gpu_out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
-BUDGET_S="${GPU_CHECK_BUDGET_S:-400}"   # all sections together; the caller's limit is about 7 minutes
+BUDGET_S="${GPU_CHECK_BUDGET_S:-460}"   # all sections together; the caller's limit is about 8 minutes
 MICRO_BATCHES="${GPU_MFU_MICRO_BATCHES:-8 4 2 1}"
 MFU_ARGS="${GPU_MFU_ARGS:-}"            # e.g. "--device cpu --layers 2 --hidden 128 ..." for a dry run
 export PYTHONPATH="$PWD/.gpudeps/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -113,6 +114,15 @@ if [ "$env_rc" = 0 ]; then
             break
         fi
     done
+
+    echo "== 3. glm-plan against measured peak memory ($((BUDGET_S - SECONDS)) s of budget left)"
+    t=$(left 240)
+    if [ "$t" -ge 60 ]; then
+        timeout -k 10 "$t" "$PY" benchmarks/plan_check.py --json "$OUT/plan_check.json" 2>&1 | tee "$OUT/plan_check.log"
+        note "plan_check: exit ${PIPESTATUS[0]}"
+    else
+        note "plan_check: no time left"
+    fi
 fi
 
 echo "== summary (${SECONDS} s)"

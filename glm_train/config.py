@@ -194,6 +194,9 @@ class TrainConfig:
     function of consumed samples instead of steps (warmup_iters/decay_iters are then ignored)."""
     decay_samples: int | None = None
     """Samples of cosine decay after warm-up (samples schedule); None means until the run's last sample."""
+    grad_accum_fp32: bool = True
+    """bf16/fp16: sum the micro-batches' gradients in FP32 (train/grad_accum.py). Costs 4 bytes per
+    parameter per GPU; GLM-130B summed in fp16 (its 40 GB layout needs that, see glm-plan)."""
     rampup: RampupConfig = field(default_factory=RampupConfig)
     """Batch-size ramp-up as Megatron's --rampup-batch-size (off unless rampup.start is set)."""
 
@@ -333,6 +336,15 @@ class RunConfig:
 
 
 @dataclass
+class HardwareConfig:
+    """What the accelerator can do, for MFU figures."""
+
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one device in the run's precision (e.g. 989 for an H100 SXM in bf16; `glm-bench
+    peak` measures a large matmul); None: metrics.jsonl carries FLOP/s but no MFU."""
+
+
+@dataclass
 class GLMConfig:
     """The whole run."""
 
@@ -346,6 +358,7 @@ class GLMConfig:
     stability: StabilityConfig = field(default_factory=StabilityConfig)
     run: RunConfig = field(default_factory=RunConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
     fp16: LossScaleConfig = field(default_factory=LossScaleConfig)
     """Loss scaling, used when precision=fp16."""
     precision: Precision = Precision.fp32
@@ -361,7 +374,8 @@ def _register() -> None:
     cs.store(group="model", name="model_schema", node=ModelConfig)
 
 
-def load_config(overrides: list[str] | None = None, config_name: str = "config") -> GLMConfig:
+def load_config(overrides: list[str] | None = None, config_name: str = "config",
+                check_paths: bool = True) -> GLMConfig:
     """Compose ``configs/<config_name>.yaml`` with Hydra overrides, convert and validate.
 
     Raises ConfigError with the offending key named in the message.
@@ -382,7 +396,7 @@ def load_config(overrides: list[str] | None = None, config_name: str = "config")
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_clean_hydra_message(e)) from None
     assert isinstance(obj, GLMConfig)
-    validate(obj)
+    validate(obj, check_paths=check_paths)
     return obj
 
 
@@ -497,6 +511,8 @@ def _validate_stability(cfg: GLMConfig) -> None:
     if c is not None:
         _require(len(c) == 2 and 1 <= c[0] <= c[1], "debug.corrupt_steps",
                  f"expected [a, b] with 1 <= a <= b, got {list(c)}")
+    _require(cfg.hardware.peak_tflops is None or cfg.hardware.peak_tflops > 0, "hardware.peak_tflops",
+             f"must be > 0 or null, got {cfg.hardware.peak_tflops}")
     h = cfg.debug.huge_grad_steps
     _require(h is None or all(x >= 1 for x in h), "debug.huge_grad_steps", f"steps are >= 1, got {h}")
     f = cfg.fp16

@@ -79,7 +79,7 @@ def build_engine(cfg: GLMConfig, backend: str) -> tuple[deepspeed.PipelineEngine
     # No DeepSpeed LR scheduler: the trainer sets the LR before each step from (step, consumed samples),
     # so skipped steps, ramp-up and rollbacks cannot shift the schedule.
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg))
-    if cfg.precision != Precision.fp32:
+    if cfg.precision != Precision.fp32 and t.grad_accum_fp32:
         # Micro-batch gradients are summed in FP32, not in the model's 8/11-bit mantissa.
         engine.fp32_grad_accumulator = install_fp32_grad_accumulation(engine)
     if _owns_clipping(cfg):

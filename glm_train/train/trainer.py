@@ -340,6 +340,8 @@ class Trainer:
             huge = cfg.debug.huge_grad_steps
             self.loss_fn.grad_multiplier = 1e30 if huge and step in huge else 1.0
         batches = self._micro_batches(first, gb)
+        # Scored (Part-B) share of this rank's tokens: the head runs on those only (train/flops.py).
+        scored = float(sum(float(lab[1].sum()) for _, lab in batches)) / max(1, gb // self.dp * cfg.model.seq_length)
         verdicts: list[Verdict] = []
 
         g = cfg.stability.guard
@@ -388,12 +390,34 @@ class Trainer:
             "update_applied": self.gate.called and self.gate.applied,
         }
         rec["first_sample"] = first
+        rec.update(self._flops(gb, dt, min(1.0, scored)))
         rec["skipped_steps"] = int(self.engine.skipped_steps)
         if cfg.precision == Precision.fp16:
             rec["loss_scale"] = float(self.engine.optimizer.loss_scale)
             if self.engine.skipped_steps > skipped_before:
                 rec["overflow"] = True
         return rec, verdict
+
+    def _flops(self, global_batch: int, dt: float, scored_fraction: float) -> dict[str, float]:
+        """Model TFLOP/s per device and MFU (HFU too when activations are recomputed)."""
+        from glm_train.train.flops import hardware_flops_per_token, model_flops_per_token
+
+        cfg = self.cfg
+        tokens = global_batch * cfg.model.seq_length
+        devices = dist.get_world_size()
+        model = tokens * model_flops_per_token(cfg.model, cfg.model.seq_length, scored_fraction) / dt / devices
+        out = {"model_tflops": model / 1e12}
+        interval = cfg.parallel.activation_checkpoint_interval
+        hw = tokens * hardware_flops_per_token(cfg.model, cfg.model.seq_length, scored_fraction, interval)
+        hw = hw / dt / devices
+        if interval > 0:
+            out["hardware_tflops"] = hw / 1e12
+        peak = cfg.hardware.peak_tflops
+        if peak:
+            out["mfu"] = model / (peak * 1e12)
+            if interval > 0:
+                out["hfu"] = hw / (peak * 1e12)
+        return out
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

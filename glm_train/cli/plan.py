@@ -1,0 +1,70 @@
+"""glm-plan: per-GPU memory, pipeline bubble and step time of a model and layout, before renting GPUs.
+
+    glm-plan --config-name=glm-130b-3d --world-size 768 --gpu-mem 40 --peak-tflops 312 --mfu 0.325
+    glm-plan model=glm-1b train.micro_batch=8 train.global_batch=8 precision=bf16 --gpu-mem 80
+
+Overrides are the training config's KEY=VALUE pairs (data paths are not checked). The formulas are in
+glm_train/train/plan.py; docs/performance.md compares them with measured peaks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point: prints the plan; exit 0 if it fits, 3 if not, 2 on a bad config."""
+    p = argparse.ArgumentParser(prog="glm-plan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides")
+    p.add_argument("--config-name", default="config")
+    p.add_argument("--world-size", type=int, default=None, help="GPUs (default tp*pp)")
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
+    p.add_argument("--peak-tflops", type=float, default=None, help="per GPU (default hardware.peak_tflops or 989)")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilization for the step time")
+    args = p.parse_args(argv)
+    from glm_train.config import ConfigError, load_config
+
+    world = args.world_size
+    try:
+        if world is not None:
+            os.environ["WORLD_SIZE"] = str(world)
+        cfg = load_config(list(args.overrides), config_name=args.config_name, check_paths=False)
+        if cfg.model.vocab_size is None:
+            raise ConfigError("model.vocab_size: set it (the planner has no tokenizer to read it from)")
+        m = cfg.model
+        if m.vocab_size % m.pad_vocab_multiple:
+            m.vocab_size += m.pad_vocab_multiple - m.vocab_size % m.pad_vocab_multiple
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from glm_train.train.plan import GIB, OVERHEAD, plan, step_time
+
+    world = world or cfg.parallel.tp * cfg.parallel.pp
+    r = plan(cfg, world)
+    peak = args.peak_tflops or cfg.hardware.peak_tflops or 989.0
+    par = cfg.parallel
+    print(f"{m.name}: L={m.layers} h={m.hidden} heads={m.heads} ffn={m.ffn_size()} V={m.vocab_size} "
+          f"s={m.seq_length}; tp={par.tp} pp={par.pp} dp={r['dp']} ZeRO-{par.zero_stage} {cfg.precision.value}, "
+          f"micro-batch {cfg.train.micro_batch}, global {cfg.train.global_batch} "
+          f"({r['micro_batches_per_pipeline']} micro-batches per pipeline), "
+          f"recompute interval {par.activation_checkpoint_interval}")
+    print(f"{'stage':>5}{'params':>10}{'weights':>10}{'grads':>9}{'optim':>9}{'activ':>9}{'logits':>9}"
+          f"{'total GiB':>11}")
+    for st in r["stages"]:
+        print(f"{st.stage:>5}{st.params / 1e9:>9.2f}B{st.weights / GIB:>10.2f}{st.gradients / GIB:>9.2f}"
+              f"{st.optimizer / GIB:>9.2f}{st.activations / GIB:>9.2f}{st.logits / GIB:>9.2f}{st.total / GIB:>11.2f}")
+    worst = r["worst"]
+    fits = worst.total <= args.gpu_mem * GIB
+    print(f"largest stage {worst.stage}: {worst.total / GIB:.1f} GiB incl. {100 * (OVERHEAD - 1):.0f}% overhead, "
+          f"GPU {args.gpu_mem:.0f} GiB: {'fits' if fits else 'DOES NOT FIT'}")
+    print(f"pipeline bubble {r['bubble']:.1%}; {r['tokens_per_step']:,} tokens/step; step time at MFU "
+          f"{args.mfu:.1%} of {peak:g} TFLOP/s: {step_time(r, world, peak, args.mfu):.2f} s")
+    return 0 if fits else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
