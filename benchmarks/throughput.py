@@ -88,14 +88,14 @@ class RefGLM(nn.Module):
 # ----------------------------------------------------------------------------- shared pieces
 
 
-def synthetic_batch(seed: int) -> tuple[torch.Tensor, ...]:
+def synthetic_batch(seed: int, micro: int = MICRO, seq: int = SEQ, vocab: int = VOCAB) -> tuple[torch.Tensor, ...]:
     """GLM-shaped batch: Part A of random length, Part B scored (about half the positions)."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB - 8, (MICRO, SEQ), generator=g)
-    targets = torch.randint(0, VOCAB - 8, (MICRO, SEQ), generator=g)
-    prefix = torch.randint(SEQ // 4, 3 * SEQ // 4, (MICRO,), generator=g)
-    pos = torch.arange(SEQ).expand(MICRO, SEQ).contiguous()
-    loss_mask = (torch.arange(SEQ)[None, :] >= prefix[:, None]).float()
+    ids = torch.randint(0, vocab - 8, (micro, seq), generator=g)
+    targets = torch.randint(0, vocab - 8, (micro, seq), generator=g)
+    prefix = torch.randint(seq // 4, 3 * seq // 4, (micro,), generator=g)
+    pos = torch.arange(seq).expand(micro, seq).contiguous()
+    loss_mask = (torch.arange(seq)[None, :] >= prefix[:, None]).float()
     return ids, pos, prefix, targets, loss_mask
 
 
@@ -111,7 +111,9 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / best / 1e12
 
 
-def build_ours(precision: str):  # noqa: ANN201
+def build_ours(precision: str, layers: int = LAYERS, hidden: int = HIDDEN, heads: int = HEADS, seq: int = SEQ,
+               vocab: int = VOCAB, micro: int = MICRO):  # noqa: ANN201
+    """glm_train's DeepSpeed engine for a GLM of this shape (tp=pp=dp=1, ZeRO-1, no dropout)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from glm_train.config import GLMConfig, Precision, validate
     from glm_train.env import setup_environment
@@ -121,8 +123,8 @@ def build_ours(precision: str):  # noqa: ANN201
     cfg = GLMConfig()
     m = cfg.model
     m.layers, m.hidden, m.heads, m.seq_length, m.vocab_size, m.dropout, m.attention_dropout = (
-        LAYERS, HIDDEN, HEADS, SEQ, VOCAB, 0.0, 0.0)
-    cfg.train.micro_batch = cfg.train.global_batch = MICRO
+        layers, hidden, heads, seq, vocab, 0.0, 0.0)
+    cfg.train.micro_batch = cfg.train.global_batch = micro
     cfg.precision = Precision(precision)
     cfg.parallel.zero_stage = 1
     validate(cfg, check_paths=False)

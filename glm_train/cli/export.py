@@ -23,6 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point: 0 on success, 1 with one line on stderr on bad input."""
     args = build_parser().parse_args(argv)
     import torch
+    from safetensors import SafetensorError
 
     from glm_train.convert.export import load_export_tensors, source_tokenizer, write_export
 
@@ -33,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dtype = None if _DTYPES[args.dtype] is None else getattr(torch, _DTYPES[args.dtype])
         out = write_export(args.output, model_cfg, tensors, tokenizer=tok, dtype=dtype,
                            meta={"source": str(args.input)})
-    except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError, OSError, SafetensorError) as e:
         print(f"glm-export: error: {e}", file=sys.stderr)
         return 1
     print(f"glm-export: wrote {out} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)

@@ -22,12 +22,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--input", required=True, help="run dir (its latest checkpoint) or checkpoint step folder")
     p.add_argument("--output", required=True, help="layout-free checkpoint folder to write")
     args = p.parse_args(argv)
+    from safetensors import SafetensorError
+
     from glm_train.convert.reshard import to_layout_free
 
     t0 = time.perf_counter()
     try:
         out = to_layout_free(args.input, args.output)
-    except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError, OSError, SafetensorError) as e:
         print(f"glm-reshard: error: {e}", file=sys.stderr)
         return 1
     print(f"glm-reshard: wrote {out} in {time.perf_counter() - t0:.1f}s; start any layout with "

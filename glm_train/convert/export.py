@@ -169,7 +169,11 @@ def load_export_tensors(path: str | Path) -> tuple[ModelConfig, Iterator[tuple[s
     if is_export(path):
         from safetensors import safe_open
 
-        cfg = model_config_from_dict(read_export_config(path)["model"])
+        meta = read_export_config(path)
+        if meta.get("quantization"):
+            raise ValueError(f"{path} is a quantized export ({meta['quantization']}); this reads float "
+                             "checkpoints and exports only (glm_train.load_model loads quantized ones)")
+        cfg = model_config_from_dict(meta["model"])
 
         def gen() -> Iterator[tuple[str, torch.Tensor]]:
             with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as f:
