@@ -1,4 +1,4 @@
-"""Multi-head self-attention with fused QKV, RoPE and the GLM prefix mask."""
+"""Multi-head self-attention with fused QKV, RoPE and the GLM prefix mask, and the KV cache of decoding."""
 
 from __future__ import annotations
 
@@ -11,6 +11,50 @@ from glm_train.model.rope import apply_rope_any
 from glm_train.parallel.layers import ColumnParallelLinear, RowParallelLinear, xavier_normal_init
 from glm_train.parallel.random import TP_RANDOM
 from glm_train.parallel.state import tp_world_size
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding (inference only).
+
+    Rotated keys and values [B, H, T, D] are written into buffers of ``capacity`` slots, allocated
+    at a layer's first write; each call appends the new columns and returns all slots written so
+    far. The slot order is the order in which tokens were fed (Part A first, then Part B one token
+    per step); which slot a query may see is the caller's attention mask, not the cache's business.
+    """
+
+    def __init__(self, num_layers: int, capacity: int) -> None:
+        self.capacity = capacity
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.lengths = [0] * num_layers
+
+    @property
+    def length(self) -> int:
+        """Slots written (by the first layer; all layers agree between forwards)."""
+        return self.lengths[0]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v [B, H, S, D] for ``layer``; return the keys and values of all its slots."""
+        start, end = self.lengths[layer], self.lengths[layer] + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache full: {end} slots needed, capacity {self.capacity}")
+        if self.keys[layer] is None:
+            b, h, _, d = k.shape
+            self.keys[layer] = k.new_empty(b, h, self.capacity, d)
+            self.values[layer] = v.new_empty(b, h, self.capacity, d)
+        keys, values = self.keys[layer], self.values[layer]
+        assert keys is not None and values is not None
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        self.lengths[layer] = end
+        return keys[:, :, :end], values[:, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` of the batch (beam search reordering; may repeat or change B)."""
+        for i, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
+            if k is not None and v is not None:
+                self.keys[i] = k.index_select(0, index)
+                self.values[i] = v.index_select(0, index)
 
 
 class SelfAttention(nn.Module):
@@ -31,11 +75,16 @@ class SelfAttention(nn.Module):
                                         seed=seed, key=prefix + ".qkv", interleave=3)
         self.dense = RowParallelLinear(d, d, init=xavier_normal_init(beta), seed=seed, key=prefix + ".dense")
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """``mask`` [B, 1, S, T] (True: visible); T = S without a cache, else the cache's slots after
+        this call's S new ones are appended."""
         b, s, _ = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x [B,H,S,D]
         q = apply_rope_any(q, cos, sin, self.two_d)
         k = apply_rope_any(k, cos, sin, self.two_d)
+        if cache is not None:
+            k, v = cache.update(self.layer_number, k, v)
         p = self.attention_dropout if self.training else 0.0
         # Heads are sharded over TP ranks: their dropout masks come from the per-rank stream.
         with TP_RANDOM.fork():

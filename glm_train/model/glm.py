@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from glm_train.config import ModelConfig, PositionEncoding
+from glm_train.model.attention import KVCache
 from glm_train.model.embedding import GLMEmbedding
 from glm_train.model.layer import GLMBlock
 from glm_train.model.mask import prefix_lm_mask
@@ -37,21 +38,33 @@ class GLMModel(nn.Module):
         self.final_layernorm = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:
+                prefix_lengths: torch.Tensor | None = None, *, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits [B, S, V] (FP32 not implied: the caller upcasts for the loss).
 
         ``prefix_lengths`` [B]: Part-A length of each sample (bidirectional); None means causal.
         ``position_ids``: [B, S] (1D) or [B, 2, S] (2D); None means 0..S-1.
+
+        Inference only (keyword arguments; training never passes them):
+        ``attention_mask`` [B, 1, S, T] bool, True where a query may see a key, replaces the mask made
+        from ``prefix_lengths`` (T = S, or the cache's slots including the S new ones);
+        ``cache`` (a :class:`KVCache`) receives this call's keys/values and supplies the earlier ones;
+        ``last_only`` returns the logits of the last position only, [B, 1, V].
         """
         b, s = input_ids.shape
         if position_ids is None:
             position_ids = default_position_ids(input_ids, self.two_d)
-        if prefix_lengths is None:
-            prefix_lengths = torch.zeros(b, dtype=torch.long, device=input_ids.device)
+        if attention_mask is None:
+            if cache is not None:
+                raise ValueError("decoding with a KV cache needs an explicit attention_mask")
+            if prefix_lengths is None:
+                prefix_lengths = torch.zeros(b, dtype=torch.long, device=input_ids.device)
+            attention_mask = prefix_lm_mask(prefix_lengths, s)
         h = self.embedding(input_ids)
         cos, sin = rope_tables(position_ids, self.cfg.hidden // self.cfg.heads, self.cfg.rope_base,
                                self.two_d, h.dtype)
-        mask = prefix_lm_mask(prefix_lengths, s)
         for layer in self.layers:
-            h = layer(h, cos, sin, mask)
+            h = layer(h, cos, sin, attention_mask, cache)
+        if last_only:
+            h = h[:, -1:]
         return self.embedding.logits(self.final_layernorm(h))

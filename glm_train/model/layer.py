@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm_train.config import ModelConfig
-from glm_train.model.attention import SelfAttention
+from glm_train.model.attention import KVCache, SelfAttention
 from glm_train.model.deepnorm import deepnorm_constants
 from glm_train.model.mlp import GeGLU
 
@@ -28,9 +28,10 @@ class GLMBlock(nn.Module):
         self.mlp = GeGLU(cfg, layer_number, beta, seed)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
         y = self.input_layernorm(x)
-        a = F.dropout(self.attention(y, cos, sin, mask), self.dropout, self.training)
+        a = F.dropout(self.attention(y, cos, sin, mask, cache), self.dropout, self.training)
         x = y * self.alpha + a
         z = self.post_attention_layernorm(x)
         m = F.dropout(self.mlp(z), self.dropout, self.training)
