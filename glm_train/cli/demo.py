@@ -3,7 +3,8 @@
 Prints per language the unigram entropy of the validation text under our tokenizer (nats/token),
 the validation loss before and after training (same unit, [gMASK] samples of held-out documents,
 see glm_train/data/dataset.py:ValidationSet), and sampled English and Chinese continuations.
-Writes the figures to <run.dir>/demo_summary.json.
+Then quantizes the model to INT8 and INT4 (weight-only, glm_train/infer/quant.py), prints float/INT8/INT4
+validation perplexities and an INT4 sample. Writes the figures to <run.dir>/demo_summary.json.
 """
 
 from __future__ import annotations
@@ -68,9 +69,63 @@ def demo(overrides: list[str]) -> int:
         text = generate(model, tok, prompt, SamplingConfig(max_new_tokens=60, min_new_tokens=40, seed=1))
         summary[f"sample_{lang}"] = prompt + text
         print(f"\n[{lang}] {prompt}{text}")
+    _quantized(model, tok, cfg, summary)
     (run_dir / "demo_summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
     print(f"\nwrote {run_dir / 'demo_summary.json'}, {run_dir / 'loss.png'}, {run_dir / 'metrics.jsonl'}")
     return 0
+
+
+def validation_ppl(model, tok, cfg) -> dict[str, float]:  # noqa: ANN001
+    """exp(validation loss) per language, the trainer's measure (Part-B tokens of [gMASK] windows)."""
+    import math
+
+    import torch
+
+    from glm_train.data.dataset import ValidationSet, collate
+    from glm_train.data.indexed import IndexedDataset
+    from glm_train.train.loss import masked_token_losses
+    from glm_train.train.trainer import special_ids
+
+    out = {}
+    for lang, prefix in cfg.data.valid.items():
+        vs = ValidationSet(IndexedDataset(prefix), special_ids(tok), cfg.model.seq_length, cfg.eval.gmask_ratio,
+                           cfg.eval.max_samples)
+        nats = count = 0.0
+        for i in range(0, len(vs.samples), 32):
+            b = collate(vs.samples[i:i + 32])
+            with torch.no_grad():
+                logits = model(b["input_ids"], position_ids=b["position_ids"], prefix_lengths=b["prefix_lengths"])
+            nats += float((masked_token_losses(logits, b["targets"]) * b["loss_mask"]).sum())
+            count += float(b["loss_mask"].sum())
+        out[lang] = math.exp(nats / count)
+    return out
+
+
+def _quantized(model, tok, cfg, summary: dict[str, object]) -> None:  # noqa: ANN001
+    """Float vs INT8 vs INT4 (weight-only, per-row absmax) perplexity, and an INT4 sample."""
+    import copy
+
+    from glm_train.infer.generate import SamplingConfig, generate
+    from glm_train.infer.quant import quantize_model, weight_bytes_report
+
+    rows = {"float": (validation_ppl(model, tok, cfg), None)}
+    int4 = None
+    for bits in (8, 4):
+        q = quantize_model(copy.deepcopy(model), bits)
+        rows[f"int{bits}"] = (validation_ppl(q, tok, cfg), weight_bytes_report(q))
+        int4 = q
+    print(f"\n{'weights':<8}{'ppl en':>10}{'ppl zh':>10}{'vs float':>18}")
+    base = rows["float"][0]
+    for name, (ppl, _) in rows.items():
+        rel = "" if name == "float" else f"{ppl['en'] / base['en'] - 1:+.2%} / {ppl['zh'] / base['zh'] - 1:+.2%}"
+        print(f"{name:<8}{ppl['en']:>10.2f}{ppl['zh']:>10.2f}{rel:>18}")
+        for lang in ("en", "zh"):
+            summary[f"ppl_{lang}_{name}"] = round(ppl[lang], 3)
+    assert int4 is not None
+    for lang, prompt in PROMPTS.items():
+        text = generate(int4, tok, prompt, SamplingConfig(max_new_tokens=60, min_new_tokens=40, seed=1))
+        summary[f"sample_int4_{lang}"] = prompt + text
+        print(f"\n[{lang}, INT4] {prompt}{text}")
 
 
 def main() -> None:
