@@ -3,7 +3,7 @@ torch.cuda.max_memory_allocated, and print it beside the planner's estimate.
 
     python benchmarks/plan_check.py [--json FILE] [--only NAME]     (each config in its own process)
 
-Without a GPU it runs the smallest config on CPU to exercise the code (no memory figure).
+Without a GPU it runs CPU-sized configs and measures the growth of peak resident memory instead.
 """
 
 from __future__ import annotations
@@ -32,6 +32,28 @@ CONFIGS = {
 }
 
 
+# On CPU: configs whose model state and activations dwarf the allocator's noise (hundreds of MB).
+CPU_CONFIGS = {
+    "cpu-L8-d512-fp32-mb8": ["model.layers=8", "model.hidden=512", "model.heads=8", "model.seq_length=512",
+                             "model.vocab_size=8192", "train.micro_batch=8", "train.global_batch=8",
+                             "precision=fp32", "parallel.zero_stage=0"],
+    "cpu-L4-d1024-fp32-mb4": ["model.layers=4", "model.hidden=1024", "model.heads=8", "model.seq_length=1024",
+                              "model.vocab_size=16384", "train.micro_batch=4", "train.global_batch=8",
+                              "precision=fp32", "parallel.zero_stage=0"],
+}
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def run_one(name: str) -> dict:
     import torch
 
@@ -41,18 +63,16 @@ def run_one(name: str) -> dict:
     from glm_train.train.plan import GIB, OVERHEAD, plan
 
     cuda = torch.cuda.is_available()
-    overrides = CONFIGS[name]
-    if not cuda:  # code path only
-        overrides = ["model=tiny", "model.vocab_size=256", "train.micro_batch=2",
-                     "train.global_batch=4"]
+    overrides = CONFIGS[name] if cuda else CPU_CONFIGS[name]
     setup_environment()
     cfg = load_config(overrides, check_paths=False)
     m = cfg.model
     if m.vocab_size % m.pad_vocab_multiple:
         m.vocab_size += m.pad_vocab_multiple - m.vocab_size % m.pad_vocab_multiple
-    est = plan(cfg, 1)["worst"]
+    est = plan(cfg, 1, "gpu" if cuda else "cpu")["worst"]
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    rss0 = _rss()
     engine, _ = build_engine(cfg, "nccl" if cuda else "gloo")
     dev = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     s, b, v = m.seq_length, cfg.train.micro_batch, m.vocab_size
@@ -70,7 +90,9 @@ def run_one(name: str) -> dict:
     for _ in range(3):
         engine.train_batch(iter([micro() for _ in range(n_micro)]))
     dt = time.perf_counter() - t0
-    measured = torch.cuda.max_memory_allocated() if cuda else None
+    # CPU: the growth of the process's peak resident memory over its size before the engine existed
+    # (the interpreter, torch and DeepSpeed): a coarser measure than CUDA's allocator statistics.
+    measured = torch.cuda.max_memory_allocated() if cuda else _peak_rss() - rss0
     estimate = est.total / OVERHEAD  # allocated bytes; the overhead term stands for the allocator's reserve
     out = {"name": name, "device": torch.cuda.get_device_name() if cuda else "cpu",
            "estimate_gib": estimate / GIB, "weights_gib": est.weights / GIB, "grads_gib": est.gradients / GIB,
@@ -92,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    names = list(CONFIGS) if torch.cuda.is_available() else ["toy-L8-d512-fp32"]
+    names = list(CONFIGS) if torch.cuda.is_available() else list(CPU_CONFIGS)
     results = []
     for name in names:
         r = subprocess.run([sys.executable, __file__, "--only", name], capture_output=True, text=True,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -100,19 +99,14 @@ def synthetic_batch(seed: int, micro: int = MICRO, seq: int = SEQ, vocab: int = 
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    """TFLOP/s of an n x n x n matmul in ``dtype`` (best of ``reps`` after a warm-up)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
-    best = math.inf
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e12
+    """TFLOP/s of an n x n x n matmul in ``dtype`` (best of ``reps`` after warm-ups): glm-bench peak."""
+    from glm_train.cli.bench import matmul_tflops
+
+    return matmul_tflops("bf16" if dtype == torch.bfloat16 else "fp32", n, "cpu", reps)
 
 
 def build_ours(precision: str, layers: int = LAYERS, hidden: int = HIDDEN, heads: int = HEADS, seq: int = SEQ,
-               vocab: int = VOCAB, micro: int = MICRO):  # noqa: ANN201
+               vocab: int = VOCAB, micro: int = MICRO, zero_stage: int = 1):  # noqa: ANN201
     """glm_train's DeepSpeed engine for a GLM of this shape (tp=pp=dp=1, ZeRO-1, no dropout)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from glm_train.config import GLMConfig, Precision, validate
@@ -126,7 +120,7 @@ def build_ours(precision: str, layers: int = LAYERS, hidden: int = HIDDEN, heads
         layers, hidden, heads, seq, vocab, 0.0, 0.0)
     cfg.train.micro_batch = cfg.train.global_batch = micro
     cfg.precision = Precision(precision)
-    cfg.parallel.zero_stage = 1
+    cfg.parallel.zero_stage = zero_stage
     validate(cfg, check_paths=False)
     engine, _ = build_engine(cfg, "gloo")
     return cfg, engine
@@ -138,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=4, help="timed steps per implementation per round")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--precisions", default="bf16,fp32")
+    p.add_argument("--zero-stage", type=int, default=1, help="ours: 1 (default config) or 0 (fp32 only)")
     args = p.parse_args(argv)
     from glm_train.config import ModelConfig
     from glm_train.train.flops import model_flops_per_token
@@ -149,12 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     flops_ours = model_flops_per_token(mcfg, SEQ, scored)
     flops_ref = model_flops_per_token(mcfg, SEQ, 1.0)  # the plain loop computes every position's logits
     out: dict[str, float | str | dict] = {"config": f"L{LAYERS} d{HIDDEN} h{HEADS} s{SEQ} b{MICRO} V{VOCAB}",
+                                          "zero_stage": args.zero_stage,
                                           "threads": torch.get_num_threads(), "scored_fraction": scored}
     rows = []
     for prec in args.precisions.split(","):
         dtype = torch.bfloat16 if prec == "bf16" else torch.float32
         peak = matmul_peak(dtype)
-        _, engine = build_ours(prec)
+        _, engine = build_ours(prec, zero_stage=args.zero_stage)
         ref = RefGLM(LAYERS, HIDDEN, HEADS, mcfg.ffn_size(), VOCAB)
         opt = torch.optim.AdamW(ref.parameters(), lr=1e-4, foreach=True)
 

@@ -25,6 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
     p.add_argument("--peak-tflops", type=float, default=None, help="per GPU (default hardware.peak_tflops or 989)")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilization for the step time")
+    p.add_argument("--device", choices=("gpu", "cpu"), default="gpu", help="cpu: SDPA keeps the score matrices")
     args = p.parse_args(argv)
     from glm_train.config import ConfigError, load_config
 
@@ -44,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from glm_train.train.plan import GIB, OVERHEAD, plan, step_time
 
     world = world or cfg.parallel.tp * cfg.parallel.pp
-    r = plan(cfg, world)
+    r = plan(cfg, world, args.device)
     peak = args.peak_tflops or cfg.hardware.peak_tflops or 989.0
     par = cfg.parallel
     print(f"{m.name}: L={m.layers} h={m.hidden} heads={m.heads} ffn={m.ffn_size()} V={m.vocab_size} "

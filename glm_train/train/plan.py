@@ -12,8 +12,10 @@ activations  per layer and micro-batch, with s sequence, b micro-batch, h hidden
              size, t TP, in units of s*b*h bytes at 2-byte activations (x2 in fp32):
                10 + (16 + 8 I / h) / t  (Megatron-LM's 34sbh accounting with the 4h GELU MLP replaced
                                          by GeGLU: fc_in output 2I, gelu(gate) I, product I)
-               + 5 a s / (h t)          only for attention that materializes the scores (eager);
-                                        SDPA's fused kernels keep O(s) state instead
+               + 5 a s / (h t)          only for attention that materializes the scores (eager, and
+                                        SDPA on CPU with a mask), whose backward also holds two FP32
+                                        b a s^2 / t gradients of one layer; SDPA's fused GPU kernels
+                                        keep O(s)
              with activation checkpointing: 2 (the layer input) per layer, plus one recomputed
              chunk of `interval` layers in full during the backward pass
              x in-flight micro-batches: 1F1B keeps min(pp - stage, m) on a stage (m micro-batches
@@ -72,18 +74,21 @@ class StageMemory:
         return OVERHEAD * (self.weights + self.gradients + self.optimizer + self.activations + self.logits)
 
 
-def activation_bytes_per_layer(cfg: GLMConfig) -> float:
+def activation_bytes_per_layer(cfg: GLMConfig, device: str = "gpu") -> float:
+    """Stored activations of one block for one micro-batch (module docstring); on CPU, SDPA with a mask
+    runs its math path and keeps the score matrices like the eager kernel."""
     m, t = cfg.model, cfg.parallel.tp
     s, b, h = m.seq_length, cfg.train.micro_batch, m.hidden
     units = 10 + (16 + 8 * m.ffn_size() / h) / t
-    if m.attention_impl == AttentionImpl.eager:
+    if m.attention_impl == AttentionImpl.eager or device == "cpu":
         units += 5 * m.heads * s / (h * t)
     per_elem = 2 if cfg.precision != Precision.fp32 else 4
     return s * b * h * units * per_elem / 2
 
 
-def plan(cfg: GLMConfig, world_size: int) -> dict[str, Any]:
-    """The per-GPU memory of each stage (bytes), bubble and FLOPs of ``cfg`` on ``world_size`` GPUs."""
+def plan(cfg: GLMConfig, world_size: int, device: str = "gpu") -> dict[str, Any]:
+    """The per-GPU memory of each stage (bytes), bubble and FLOPs of ``cfg`` on ``world_size`` devices
+    (``device``: gpu, or cpu for runs on CPUs)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     tp, pp = p.tp, p.pp
     if world_size % (tp * pp):
@@ -93,7 +98,7 @@ def plan(cfg: GLMConfig, world_size: int) -> dict[str, Any]:
     vocab = m.vocab_size or 0
     w = 4 if cfg.precision == Precision.fp32 else 2
     zero = dp if p.zero_stage >= 1 else 1
-    per_layer = activation_bytes_per_layer(cfg)
+    per_layer = activation_bytes_per_layer(cfg, device)
     k = p.activation_checkpoint_interval
     s, b, h = m.seq_length, t.micro_batch, m.hidden
     stages = []
@@ -110,6 +115,10 @@ def plan(cfg: GLMConfig, world_size: int) -> dict[str, Any]:
         else:
             one_mb = blocks * per_layer
         inflight = min(pp - i, max(1, micro_per_pipe))
+        # Backward of a materialized softmax: gradients of the scores and probabilities, FP32, one layer
+        # at a time, on top of what is stored.
+        if m.attention_impl == AttentionImpl.eager or device == "cpu":
+            one_mb += 2 * 4 * b * (m.heads / tp) * s * s / inflight
         logits = b * s * SCORED_FRACTION * vocab / tp * 10 if i == pp - 1 else 0.0
         stages.append(StageMemory(i, params, params * w, grads, optim, one_mb * inflight, logits))
     worst = max(stages, key=lambda st: st.total)
