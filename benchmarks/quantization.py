@@ -43,6 +43,9 @@ TARGETS = {"int8_ppl_rel": 0.005, "int4_ppl_rel": 0.03, "bytes_ratio_int8": 0.51
 LANGS = ("en", "zh")
 
 
+DECODE_PROMPT = "And God said unto Moses,"
+
+
 @torch.no_grad()
 def score(model: torch.nn.Module, vs: ValidationSet, batch: int, device: str) -> tuple[float, int]:
     """(summed CE over the scored Part-B tokens, their count)."""
@@ -92,8 +95,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            "gmask_ratio": ratio}
     for lang in LANGS:
         out[f"samples_{lang}"] = len(sets[lang])
+    from glm_train.infer.generate import benchmark_decode
+
     for name, bits, gs in variants:
         m = model if bits is None else quantize_model(copy.deepcopy(model), bits, gs)
+        if name in ("float", "int8", "int4") and args.decode_tokens > 0:
+            # Decoding speed, with and without the KV cache, side by side for each precision.
+            for cache in (True, False):
+                rates = [benchmark_decode(m, tok, DECODE_PROMPT, args.decode_tokens, use_cache=cache)
+                         for _ in range(args.decode_repeats)]
+                out[f"decode_tok_s_{name}_{'cache' if cache else 'nocache'}"] = max(rates)
         t0 = time.perf_counter()
         for lang in LANGS:
             total, count = score(m, sets[lang], args.batch, args.device)
@@ -135,6 +146,10 @@ def table(r: dict[str, Any], names: list[str]) -> str:
         rows.append(f"target {q}: ppl within {TARGETS[f'{q}_ppl_rel'] * 100:.1f}% -> "
                     f"{'met' if r[f'{q}_ppl_target_met'] else 'NOT met'}; bytes <= "
                     f"{TARGETS[f'bytes_ratio_{q}']}x BF16 -> {'met' if r[f'{q}_bytes_target_met'] else 'NOT met'}")
+    if "decode_tok_s_float_cache" in r:
+        rows.append(f"decoding tokens/s (greedy, batch 1, best of repeats): {'':<4}{'cache':>8}{'no cache':>10}")
+        for n in ("float", "int8", "int4"):
+            rows.append(f"  {n:<8}{r[f'decode_tok_s_{n}_cache']:>44.1f}{r[f'decode_tok_s_{n}_nocache']:>10.1f}")
     if "logged_val_loss_en" in r:
         rows.append("float loss vs the run's last logged validation loss: "
                     + ", ".join(f"{lang} {r[f'loss_{lang}_float']:.4f} / {r[f'logged_val_loss_{lang}']:.4f}"
@@ -154,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="write the results to this file")
+    p.add_argument("--decode-tokens", type=int, default=64, help="tokens per decoding-speed run (0: skip)")
+    p.add_argument("--decode-repeats", type=int, default=3)
     args = p.parse_args(argv)
     if args.checkpoint is None:
         demo = REPO / "runs" / "demo"
