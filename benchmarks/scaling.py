@@ -11,7 +11,6 @@ along a sweep means the cost grows as predicted. Each point builds its own engin
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from throughput import build_ours, synthetic_batch  # noqa: E402
+from throughput import build_ours, finish, synthetic_batch  # noqa: E402
 
 HIDDEN, HEADS, VOCAB = 256, 4, 4096
 SWEEPS = {
@@ -65,12 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             print(f"{name:<10}{r['layers']:>7}{r['seq']:>6}{r['micro']:>6}{r['step_s']:>9.3f}"
                   f"{r['gflop_per_step']:>9.1f}{r['gflops_per_s']:>9.1f}{r['gflops_per_s'] / base:>9.2f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    finish(out, args.json)
     return 0
 
 

@@ -201,13 +201,18 @@ def main(argv: list[str] | None = None) -> int:
     for prec, r in rows:
         print(f"{prec:<10}{r['tokens_per_s_ours']:>12.0f}{r['tokens_per_s_reference']:>12.0f}"
               f"{r['ratio_vs_reference']:>8.2f}{r['peak_tflops']:>11.3f}{r['mfu']:>10.1%}{r['mfu_reference']:>9.1%}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    finish(out, args.json)
+    return 0
+
+
+def finish(out: dict, json_path: str | None) -> None:
+    """Write the figures (if asked) and close the process group the engine opened."""
+    if json_path:
+        Path(json_path).write_text(json.dumps(out, indent=2) + "\n")
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ activation checkpointing, and a count from the shapes of the model's own weight 
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -26,6 +25,7 @@ from glm_train.train.flops import (
     recomputed_blocks,
 )
 from glm_train.train.loss import masked_token_losses
+from tests.multiproc import free_port
 
 V, B, S = 320, 2, 48
 
@@ -127,12 +127,6 @@ def test_checkpointed_blocks_add_one_forward_each():
     assert hardware_flops_per_token(cfg, S, 1.0, 0) == model_flops_per_token(cfg, S)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def one_process_group(monkeypatch):
     import torch.distributed as dist
@@ -147,7 +141,7 @@ def one_process_group(monkeypatch):
 
     # As glm_train.env does: DeepSpeed would otherwise JIT-compile its shm op in init_distributed on CPU.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)  # wraps the existing group
     try:
         yield

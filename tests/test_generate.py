@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from glm_train.config import ModelConfig
@@ -40,6 +37,7 @@ from glm_train.model import GLMModel
 from glm_train.model.attention import KVCache
 from glm_train.model.mask import prefix_lm_mask
 from glm_train.model.rope import apply_rope_any, rope_tables
+from tests.multiproc import run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["the lord said unto moses", "却说曹操", "and the children of israel went unto the land of the king"]
@@ -364,12 +362,6 @@ def test_text_api_and_benchmark(tok):
 # ------------------------------------------------------------------ tensor parallelism
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tp_cases(model, tok) -> dict[str, object]:
     g = [encode_prompt(tok, t, "gmask") for t in TEXTS]
     m = [encode_prompt(tok, t, "mask") for t in MASK_TEXTS]
@@ -385,30 +377,22 @@ def _tp_cases(model, tok) -> dict[str, object]:
     return out
 
 
-def _tp_worker(rank: int, port: int, export: str, expected: str, errors) -> None:
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=2)
-        from glm_train.infer.loading import load_trained
-        from glm_train.parallel.state import set_tensor_parallel_group
+def _tp_worker(rank: int, export: str, expected: str) -> None:
+    from glm_train.infer.loading import load_trained
+    from glm_train.parallel.state import set_tensor_parallel_group
 
-        set_tensor_parallel_group(dist.group.WORLD)
-        model, tok, _ = load_trained(export, tp_rank=rank, tp_size=2)
-        assert model.layers[0].attention.heads == 2  # a shard: 4 heads over 2 ranks
-        assert model.embedding.weight.shape[0] == model.cfg.vocab_size // 2
-        got = _tp_cases(model, tok)
-        want = torch.load(expected)
-        for key, (blanks, extra) in want.items():
-            assert got[key][0] == blanks, (key, got[key][0], blanks)
-            if isinstance(extra, list):
-                assert _max_diff(got[key][1], extra) < 1e-5, key
-            else:
-                torch.testing.assert_close(got[key][1], extra, rtol=0, atol=1e-4)
-        dist.barrier()
-        dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - reported to the parent
-        errors.put(f"rank {rank}: {traceback.format_exc()}")
+    set_tensor_parallel_group(dist.group.WORLD)
+    model, tok, _ = load_trained(export, tp_rank=rank, tp_size=2)
+    assert model.layers[0].attention.heads == 2  # a shard: 4 heads over 2 ranks
+    assert model.embedding.weight.shape[0] == model.cfg.vocab_size // 2
+    got = _tp_cases(model, tok)
+    want = torch.load(expected)
+    for key, (blanks, extra) in want.items():
+        assert got[key][0] == blanks, (key, got[key][0], blanks)
+        if isinstance(extra, list):
+            assert _max_diff(got[key][1], extra) < 1e-5, key
+        else:
+            torch.testing.assert_close(got[key][1], extra, rtol=0, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -423,19 +407,7 @@ def test_tp2_generation_equals_tp1(tok, tiny_data, tmp_path):
         load_model(export, tp_rank=1, tp_size=2)  # no TP group registered in this process
     expected = tmp_path / "tp1.pt"
     torch.save(_tp_cases(load_model(export), tok), expected)
-    ctx = mp.get_context("spawn")
-    errors = ctx.Queue()
-    port = _port()
-    procs = [ctx.Process(target=_tp_worker, args=(r, port, str(export), str(expected), errors)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=180)
-    msgs = []
-    while not errors.empty():
-        msgs.append(errors.get())
-    assert not msgs, "\n".join(msgs)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    run_ranks(_tp_worker, 2, str(export), str(expected))
 
 
 # ------------------------------------------------------------------ CLI

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import traceback
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from glm_train.parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_logsumexp
@@ -23,28 +18,15 @@ from glm_train.parallel.layers import (
 )
 from glm_train.parallel.random import TPRandom
 from glm_train.parallel.state import set_tensor_parallel_group
+from tests.multiproc import run_ranks
 
 pytestmark = pytest.mark.slow
 WORLD = 2
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, port: int, errors) -> None:
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-        set_tensor_parallel_group(dist.group.WORLD)
-        _check(rank)
-        dist.barrier()
-        dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - reported to the parent
-        errors.put(f"rank {rank}: {traceback.format_exc()}")
+def _worker(rank: int) -> None:
+    set_tensor_parallel_group(dist.group.WORLD)
+    _check(rank)
 
 
 def _check(rank: int) -> None:
@@ -128,17 +110,4 @@ def _check(rank: int) -> None:
 
 
 def test_tp2_blocks_match_plain_torch():
-    # spawn, not fork: a forked child of a process that already ran OpenMP work can hang.
-    ctx = mp.get_context("spawn")
-    errors = ctx.Queue()
-    port = _port()
-    procs = [ctx.Process(target=_worker, args=(r, port, errors)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    msgs = []
-    while not errors.empty():
-        msgs.append(errors.get())
-    assert not msgs, "\n".join(msgs)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    run_ranks(_worker, WORLD, timeout=120)

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import socket
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from glm_train.cli.quantize import main as quantize_main
 from glm_train.config import ModelConfig
@@ -31,6 +27,7 @@ from glm_train.infer.quant import (
 )
 from glm_train.model import GLMModel
 from glm_train.parallel.state import set_tensor_parallel_group
+from tests.multiproc import run_ranks
 
 V = 256
 TARGET_NAMES = ("attention.qkv", "attention.dense", "mlp.dense_in", "mlp.dense_out")
@@ -267,52 +264,27 @@ def test_cli_errors(tmp_path, capsys):
 WORLD = 2
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tp_worker(rank: int, port: int, export_dir: str, errors) -> None:
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-        for bits, gs in ((8, None), (4, None), (4, 16)):
-            set_tensor_parallel_group(None)
-            ref_model = quantize_model(_model(), bits, gs)
-            ref = _logits(ref_model)
-            path = Path(export_dir) / f"q{bits}_{gs}"
-            if rank == 0:
-                save_quantized(ref_model, path)
-            dist.barrier()
-            set_tensor_parallel_group(dist.group.WORLD)
-            tp = quantize_model(_model(), bits, gs)  # each rank quantizes its own shard
-            assert tp.layers[0].mlp.dense_out.in_features == 192 // WORLD
-            torch.testing.assert_close(_logits(tp), ref, rtol=1e-5, atol=1e-5)
-            tp_loaded = load_model(path)  # the TP=1 quantized export, split over the two ranks
-            torch.testing.assert_close(_logits(tp_loaded), ref, rtol=1e-5, atol=1e-5)
-            assert torch.equal(tp_loaded.layers[0].mlp.dense_out.qweight, tp.layers[0].mlp.dense_out.qweight)
-            assert torch.equal(tp_loaded.layers[0].mlp.dense_out.scale, tp.layers[0].mlp.dense_out.scale)
-            dist.barrier()
+def _tp_worker(rank: int, export_dir: str) -> None:
+    for bits, gs in ((8, None), (4, None), (4, 16)):
         set_tensor_parallel_group(None)
-        dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - reported to the parent
-        errors.put(f"rank {rank}: {traceback.format_exc()}")
+        ref_model = quantize_model(_model(), bits, gs)
+        ref = _logits(ref_model)
+        path = Path(export_dir) / f"q{bits}_{gs}"
+        if rank == 0:
+            save_quantized(ref_model, path)
+        dist.barrier()
+        set_tensor_parallel_group(dist.group.WORLD)
+        tp = quantize_model(_model(), bits, gs)  # each rank quantizes its own shard
+        assert tp.layers[0].mlp.dense_out.in_features == 192 // WORLD
+        torch.testing.assert_close(_logits(tp), ref, rtol=1e-5, atol=1e-5)
+        tp_loaded = load_model(path)  # the TP=1 quantized export, split over the two ranks
+        torch.testing.assert_close(_logits(tp_loaded), ref, rtol=1e-5, atol=1e-5)
+        assert torch.equal(tp_loaded.layers[0].mlp.dense_out.qweight, tp.layers[0].mlp.dense_out.qweight)
+        assert torch.equal(tp_loaded.layers[0].mlp.dense_out.scale, tp.layers[0].mlp.dense_out.scale)
+        dist.barrier()
+    set_tensor_parallel_group(None)
 
 
 @pytest.mark.slow
 def test_tp2_quantized_equals_tp1(tmp_path):
-    ctx = mp.get_context("spawn")
-    errors = ctx.Queue()
-    port = _port()
-    procs = [ctx.Process(target=_tp_worker, args=(r, port, str(tmp_path), errors)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=180)
-    msgs = []
-    while not errors.empty():
-        msgs.append(errors.get())
-    assert not msgs, "\n".join(msgs)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    run_ranks(_tp_worker, WORLD, str(tmp_path))

@@ -13,6 +13,7 @@ temporary folder, tensor by tensor, and renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -232,15 +233,33 @@ def write_safetensors_streaming(path: Path, tensors: Iterable[tuple[str, torch.T
     data_path.unlink()
 
 
-def write_export(out_dir: str | Path, model_cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], *,
-                 tokenizer: str | Path | None = None, dtype: torch.dtype | None = None,
-                 meta: dict[str, Any] | None = None) -> Path:
-    """Write an export folder atomically; ``dtype`` casts floating tensors (None keeps theirs)."""
-    out = Path(out_dir)
-    refuse_to_replace(out, is_export, "a glm_train export")
-    tmp = out.with_name(f"{out.name}.tmp.{os.getpid()}")
+@contextlib.contextmanager
+def staged_dir(out: Path, unique: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out`` to fill; on success it replaces ``out`` whole, on any error it
+    is removed and ``out`` is untouched: a folder that looks complete always is. ``unique`` puts the
+    process id in the temporary name, so two writers never share it."""
+    tmp = out.with_name(f"{out.name}.tmp.{os.getpid()}" if unique else f"{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_export(out_dir: str | Path, model_cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], *,
+                 tokenizer: str | Path | None = None, dtype: torch.dtype | None = None,
+                 meta: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Write an export folder atomically; ``dtype`` casts floating tensors (None keeps theirs).
+
+    ``extra``: more top-level config.json entries (e.g. ``quantization``), also recorded as JSON strings
+    in the safetensors metadata."""
+    out = Path(out_dir)
+    refuse_to_replace(out, is_export, "a glm_train export")
     seen_dtypes: set[str] = set()
 
     def cast() -> Iterator[tuple[str, torch.Tensor]]:
@@ -250,22 +269,18 @@ def write_export(out_dir: str | Path, model_cfg: ModelConfig, tensors: Iterable[
             seen_dtypes.add(str(t.dtype).replace("torch.", ""))
             yield key, t
 
-    try:
-        write_safetensors_streaming(tmp / "model.safetensors", cast(), {"format": EXPORT_FORMAT})
+    extra = extra or {}
+    with staged_dir(out) as tmp:
+        write_safetensors_streaming(tmp / "model.safetensors", cast(),
+                                    {"format": EXPORT_FORMAT, **{k: json.dumps(v) for k, v in extra.items()}})
         tok_name = None
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / "tokenizer.model")
             tok_name = "tokenizer.model"
         config = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION,
                   "model": _plain(dataclasses.asdict(model_cfg)), "dtype": sorted(seen_dtypes),
-                  "tokenizer": tok_name, "meta": meta or {}}
+                  "tokenizer": tok_name, "meta": meta or {}, **extra}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -17,7 +17,6 @@ different but equally valid draw; without it, it continues the original curve.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ from glm_train.convert.export import (
     refuse_to_replace,
     resolve_checkpoint,
     split_tp,
+    staged_dir,
     write_safetensors_streaming,
 )
 from glm_train.train.layer_map import pipeline_to_model_key
@@ -159,22 +159,13 @@ def to_layout_free(src: str | Path, out_dir: str | Path) -> Path:
     facts, tensors = iter_layout_free(ckpt, cfg.model.layers)
     out = Path(out_dir)
     refuse_to_replace(out, is_layout_free, "a layout-free checkpoint")
-    tmp = out.with_name(f"{out.name}.tmp.{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(out) as tmp:
         write_safetensors_streaming(tmp / "states.safetensors", tensors, {"format": LAYOUT_FREE_FORMAT})
         shutil.copyfile(run_dir / "config.yaml", tmp / "config.yaml")
         meta = {"format": LAYOUT_FREE_FORMAT, "version": 1, "source": str(ckpt),
                 "source_layout": {k: facts[k] for k in ("tp", "pp", "dp", "zero_stage")},
                 "adam_step": facts["adam_step"], "client_state": facts["client_state"]}
         (tmp / "layout_free.json").write_text(json.dumps(meta, indent=1, default=_jsonable) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -22,9 +22,7 @@ layer's (plus the embedding while it is yielded). Nothing is ever unpickled with
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import fields, replace
@@ -34,6 +32,7 @@ from typing import Any
 import torch
 
 from glm_train.config import CONFIG_DIR, ModelConfig, PositionEncoding
+from glm_train.convert.export import staged_dir
 
 SHARD_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 _LAYER_KEY = re.compile(r"^transformer\.layers\.(\d+)\.(.+)$")
@@ -524,9 +523,6 @@ def write_sat(model_cfg: ModelConfig, tensors: TensorSource, tp: int, output_dir
                                   "refusing to replace it")
     shapes = _our_shapes(model_cfg)
     inv_freq = rotary_inv_freq(model_cfg)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
 
     def checked(source: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         seen: set[str] = set()
@@ -552,7 +548,7 @@ def write_sat(model_cfg: ModelConfig, tensors: TensorSource, tp: int, output_dir
         ordered = {k: sd[k] for k in _sat_order(model_cfg)}
         torch.save({"module": ordered}, tmp / f"mp_rank_{rank:02d}_model_states.pt")
 
-    try:
+    with staged_dir(out, unique=False) as tmp:
         if isinstance(tensors, Mapping):
             for rank in range(tp):
                 finish(rank, dict(_sat_shard(k, t, model_cfg, rank, tp) for k, t in checked(tensors.items())))
@@ -569,12 +565,6 @@ def write_sat(model_cfg: ModelConfig, tensors: TensorSource, tp: int, output_dir
             for rank in range(tp):
                 finish(rank, ranks[rank])
                 ranks[rank] = {}
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

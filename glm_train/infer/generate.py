@@ -354,12 +354,7 @@ def generate_ids(model: GLMModel, tok: GLMTokenizer, prompts: list[Prompt], cfg:
         return beam_search(model, tok, prompts, cfg, use_cache=use_cache, padding=padding)
     if cfg.max_new_tokens < 1:
         return GenerationOutput([[[] for _ in p.blanks] for p in prompts], [[False] * len(p.blanks) for p in prompts])
-    device = next(model.parameters()).device
-    vocab = int(model.cfg.vocab_size or 0)
-    rules = _Rules(tok, prompts, cfg, vocab, model.two_d, device)
-    a_ids, a_pos, a_valid = _layout(model, prompts, padding, device)
-    max_steps = max(len(p.blanks) for p in prompts) * (cfg.max_new_tokens + 1)
-    dec = _Decoder(model, a_ids, a_pos, a_valid, use_cache, a_ids.shape[1] + max_steps)
+    device, vocab, rules, dec, max_steps = _setup(model, tok, prompts, cfg, use_cache, padding)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     seen = _seen(prompts, vocab, device)
     rows = [rules.start(i) for i in range(len(prompts))]
@@ -384,6 +379,18 @@ def generate_ids(model: GLMModel, tok: GLMTokenizer, prompts: list[Prompt], cfg:
     return out
 
 
+def _setup(model: GLMModel, tok: GLMTokenizer, prompts: list[Prompt], cfg: SamplingConfig, use_cache: bool,
+           padding: str) -> tuple[torch.device, int, _Rules, _Decoder, int]:
+    """What sampling and beam search share: device, vocabulary, rules, Part A encoded, the step budget."""
+    device = next(model.parameters()).device
+    vocab = int(model.cfg.vocab_size or 0)
+    rules = _Rules(tok, prompts, cfg, vocab, model.two_d, device)
+    a_ids, a_pos, a_valid = _layout(model, prompts, padding, device)
+    max_steps = max(len(p.blanks) for p in prompts) * (cfg.max_new_tokens + 1)
+    dec = _Decoder(model, a_ids, a_pos, a_valid, use_cache, a_ids.shape[1] + max_steps)
+    return device, vocab, rules, dec, max_steps
+
+
 @torch.no_grad()
 def beam_search(model: GLMModel, tok: GLMTokenizer, prompts: list[Prompt], cfg: SamplingConfig, *,
                 use_cache: bool = True, padding: str = "left") -> GenerationOutput:
@@ -401,12 +408,7 @@ def beam_search(model: GLMModel, tok: GLMTokenizer, prompts: list[Prompt], cfg: 
     if cfg.max_new_tokens < 1:
         return GenerationOutput([[[] for _ in p.blanks] for p in prompts], [[False] * len(p.blanks) for p in prompts],
                                 [0.0] * b)
-    device = next(model.parameters()).device
-    vocab = int(model.cfg.vocab_size or 0)
-    rules = _Rules(tok, prompts, cfg, vocab, model.two_d, device)
-    a_ids, a_pos, a_valid = _layout(model, prompts, padding, device)
-    max_steps = max(len(p.blanks) for p in prompts) * (cfg.max_new_tokens + 1)
-    dec = _Decoder(model, a_ids, a_pos, a_valid, use_cache, a_ids.shape[1] + max_steps)
+    device, vocab, rules, dec, max_steps = _setup(model, tok, prompts, cfg, use_cache, padding)
     expand = torch.arange(b, device=device).repeat_interleave(k_beams)
     dec.reorder(expand)
     seen = _seen(prompts, vocab, device).index_select(0, expand)

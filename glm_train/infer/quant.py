@@ -36,11 +36,7 @@ no float copy of the quantized weights ever exists.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 import re
-import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -423,46 +419,11 @@ def _check_spec(q: Any, where: str) -> tuple[int, int | None]:
 
 def _write_quantized(out_dir: str | Path, model_cfg: Any, tensors: Iterable[tuple[str, torch.Tensor]],
                      spec: dict[str, Any], tokenizer: str | Path | None, meta: dict[str, Any] | None) -> Path:
-    """An export folder written to a temporary sibling and renamed into place once complete."""
-    from glm_train.convert.export import (
-        EXPORT_FORMAT,
-        EXPORT_VERSION,
-        _plain,
-        is_export,
-        refuse_to_replace,
-        write_safetensors_streaming,
-    )
+    """An export folder (written to a temporary sibling and renamed into place once complete) whose
+    config.json and safetensors metadata carry the quantization spec."""
+    from glm_train.convert.export import write_export
 
-    out = Path(out_dir)
-    refuse_to_replace(out, is_export, "a glm_train export")
-    tmp = out.with_name(f"{out.name}.tmp.{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    seen_dtypes: set[str] = set()
-
-    def record() -> Iterator[tuple[str, torch.Tensor]]:
-        for key, t in tensors:
-            seen_dtypes.add(str(t.dtype).replace("torch.", ""))
-            yield key, t
-
-    try:
-        write_safetensors_streaming(tmp / "model.safetensors", record(),
-                                    {"format": EXPORT_FORMAT, "quantization": json.dumps(spec)})
-        tok_name = None
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
-            tok_name = "tokenizer.model"
-        config = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION,
-                  "model": _plain(dataclasses.asdict(model_cfg)), "dtype": sorted(seen_dtypes),
-                  "tokenizer": tok_name, "meta": meta or {}, "quantization": spec}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return write_export(out_dir, model_cfg, tensors, tokenizer=tokenizer, meta=meta, extra={"quantization": spec})
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

@@ -29,6 +29,7 @@ from glm_train.data.indexed import IndexedDataset, check_fingerprint
 from glm_train.data.tokenizer import GLMTokenizer
 from glm_train.train.checkpoint import CheckpointManager
 from glm_train.train.engine import build_engine, data_parallel_size, set_lr
+from glm_train.train.flops import hardware_flops_per_token, model_flops_per_token
 from glm_train.train.guard import SpikeGuard, UpdateGate, Verdict, batch_loss_and_norm
 from glm_train.train.metrics import MetricsWriter, plot_losses
 from glm_train.train.schedules import (
@@ -228,6 +229,15 @@ class Trainer:
             self.metrics.truncate_after(-1)
             return None
         client, rank_state = loaded
+        self._restore_client(client)
+        set_rng_state(rank_state["rng"])
+        self.metrics.truncate_after(self.state.step)
+        if self.rank == 0:
+            print(f"resumed from step {self.state.step} ({self.state.consumed_samples} samples)", flush=True)
+        return str(target)
+
+    def _restore_client(self, client: dict[str, Any]) -> None:
+        """Trainer and guard state from a checkpoint's client state, after checking its data fingerprint."""
         saved = client.get("data_fingerprint")
         if saved is not None and saved != self.data_fingerprint:
             diff = [k for k in self.data_fingerprint if saved.get(k) != self.data_fingerprint[k]]
@@ -241,11 +251,6 @@ class Trainer:
         self.state = TrainState(**client["train_state"])
         if "guard" in client:
             self.guard.load_state_dict(client["guard"])
-        set_rng_state(rank_state["rng"])
-        self.metrics.truncate_after(self.state.step)
-        if self.rank == 0:
-            print(f"resumed from step {self.state.step} ({self.state.consumed_samples} samples)", flush=True)
-        return str(target)
 
     def _init_from_export(self, path: str) -> str:
         """Start a new run from an export's weights (step 0, fresh optimizer): continued pre-training of a
@@ -275,14 +280,7 @@ class Trainer:
 
         client = load_layout_free(self.engine, path, self.cfg.model.layers,
                                   self.par.get_tensor_model_parallel_rank(), self.cfg.parallel.tp)
-        saved = client.get("data_fingerprint")
-        if saved is not None and saved != self.data_fingerprint and not self.cfg.data.allow_change:
-            diff = [k for k in self.data_fingerprint if saved.get(k) != self.data_fingerprint[k]]
-            raise ValueError(f"the data config differs from the checkpoint's ({', '.join(diff)}); set "
-                             "data.allow_change=true to resume anyway")
-        self.state = TrainState(**client["train_state"])
-        if "guard" in client:
-            self.guard.load_state_dict(client["guard"])
+        self._restore_client(client)
         seed = self.cfg.train.seed + self.state.step
         seed_everything(seed)
         TP_RANDOM.seed(seed, self.par.get_pipeline_model_parallel_rank(), self.par.get_tensor_model_parallel_rank())
@@ -400,8 +398,6 @@ class Trainer:
 
     def _flops(self, global_batch: int, dt: float, scored_fraction: float) -> dict[str, float]:
         """Model TFLOP/s per device and MFU (HFU too when activations are recomputed)."""
-        from glm_train.train.flops import hardware_flops_per_token, model_flops_per_token
-
         cfg = self.cfg
         tokens = global_batch * cfg.model.seq_length
         devices = dist.get_world_size()
