@@ -103,6 +103,12 @@ class ObjectiveConfig:
     """Probability that a [MASK] sample masks one single span of mask_ratio length."""
 
 
+class OptimizerImpl(str, enum.Enum):
+    fused = "fused"  # torch's fused AdamW kernel (CPU and GPU)
+    foreach = "foreach"  # multi-tensor ops over all parameters at once
+    for_loop = "for_loop"  # one parameter at a time (torch's reference implementation)
+
+
 class SourceKind(str, enum.Enum):
     lm = "lm"  # documents for blank infilling ([MASK]/[gMASK] per the objective)
     mip = "mip"  # prompted samples: prompt in Part A, answer in Part B (glm-build-mip output)
@@ -194,6 +200,13 @@ class TrainConfig:
     function of consumed samples instead of steps (warmup_iters/decay_iters are then ignored)."""
     decay_samples: int | None = None
     """Samples of cosine decay after warm-up (samples schedule); None means until the run's last sample."""
+    optimizer_impl: OptimizerImpl = OptimizerImpl.fused
+    """AdamW kernel: fused (one kernel pass over every parameter), foreach or for_loop. The three agree
+    to rounding; fused is the fastest on CPU and GPU."""
+    compile: bool = False
+    """torch.compile every transformer block (inductor; on CPU it needs a C++ compiler). The first step
+    pays the compilation (tens of seconds); later steps fuse the element-wise work (RoPE, GeGLU,
+    LayerNorm, residuals). Results agree with eager to rounding, and resumes stay exact."""
     grad_accum_fp32: bool = True
     """bf16/fp16: sum the micro-batches' gradients in FP32 (train/grad_accum.py). Costs 4 bytes per
     parameter per GPU; GLM-130B summed in fp16 (its 40 GB layout needs that, see glm-plan)."""
@@ -227,6 +240,10 @@ class CheckpointConfig:
     """Also keep every checkpoint whose step is a multiple of this (milestones); 0: none."""
 
 
+SELECTIVE_RECOMPUTE = ("attention", "geglu")
+"""Block parts that ``parallel.selective_recompute`` may name."""
+
+
 @dataclass
 class ParallelConfig:
     """Parallel layout (one process until the 3D-parallelism work lands)."""
@@ -239,6 +256,11 @@ class ParallelConfig:
     """ZeRO stage (0 or 1; 2/3 are refused by DeepSpeed's pipeline engine)."""
     activation_checkpoint_interval: int = 0
     """Recompute every this many transformer layers; 0 disables."""
+    selective_recompute: list[str] = field(default_factory=list)
+    """Parts of every block rebuilt in backward instead of stored, at a few percent of the compute of
+    whole-layer recomputation: "attention" (RoPE + attention kernel: keeps q, k, v, drops the rotated
+    copies, the kernel's saved output and, on the eager path, the S x S scores) and "geglu" (keeps
+    the projection output, drops gelu(gate)). Empty: store everything."""
     partition: str = "glm"
     """Pipeline stage partitioning: glm (blocks spread evenly with the embedding and the head each
     counted as one block, so the first and last stages hold one block fewer, as GLM-130B's 70 = 9x8-2),
@@ -550,6 +572,9 @@ def validate(cfg: GLMConfig, check_paths: bool = True) -> None:
     _require(p.pp <= m.layers, "parallel.pp", f"must be <= model.layers={m.layers}, got {p.pp}")
     _require(p.partition in ("glm", "uniform", "parameters") or p.partition.startswith("type:"),
              "parallel.partition", f"allowed values are glm, uniform, parameters, type:REGEX; got {p.partition}")
+    for part in p.selective_recompute:
+        _require(part in SELECTIVE_RECOMPUTE, "parallel.selective_recompute",
+                 f"allowed values are {', '.join(SELECTIVE_RECOMPUTE)}; got {part!r}")
     _require(not p.sequence_parallel, "parallel.sequence_parallel", "allowed value is false (not implemented yet)")
     _require(p.zero_stage in (0, 1), "parallel.zero_stage",
              f"allowed values are 0 or 1 (DeepSpeed refuses ZeRO-2/3 with pipelines), got {p.zero_stage}")

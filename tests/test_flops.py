@@ -152,8 +152,9 @@ def one_process_group(monkeypatch):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("interval", [0, 1, 2, 3])
-def test_pipeline_recomputation_matches_recomputed_blocks(one_process_group, interval):
+@pytest.mark.parametrize(("interval", "selective"), [(0, ()), (1, ()), (2, ()), (3, ()), (0, ("attention",)),
+                                                      (0, ("geglu",)), (2, ("attention", "geglu"))])
+def test_pipeline_recomputation_matches_recomputed_blocks(one_process_group, interval, selective):
     # The real DeepSpeed pipeline module with our checkpointable_layers: which chunks it recomputes
     # is DeepSpeed's rule, counted here by the FLOPs it executes, head on Part B only.
     from glm_train.parallel.topology import ParallelState
@@ -161,7 +162,8 @@ def test_pipeline_recomputation_matches_recomputed_blocks(one_process_group, int
 
     cfg = _cfg(layers=4)
     par = ParallelState(1, 1, 1)
-    module = glm_pipeline(cfg, 1, par.topology, activation_checkpoint_interval=interval)
+    module = glm_pipeline(cfg, 1, par.topology, activation_checkpoint_interval=interval,
+                          selective_recompute=frozenset(selective))
     module._precompute_checkpointable_values()  # as DeepSpeed's PipelineEngine does on construction
     module.train()
     ids, targets, prefix = _inputs()
@@ -173,7 +175,7 @@ def test_pipeline_recomputation_matches_recomputed_blocks(one_process_group, int
         module.loss_fn(hidden, (targets, loss_mask)).backward()
 
     frac = int(loss_mask.sum()) / (B * S)
-    expected = hardware_flops_per_token(cfg, S, frac, interval) * B * S
+    expected = hardware_flops_per_token(cfg, S, frac, interval, selective) * B * S
     assert _count(step) == pytest.approx(expected, rel=1e-9)
     assert recomputed_blocks(4, interval) == {0: 0, 1: 4, 2: 2, 3: 0}[interval]
 

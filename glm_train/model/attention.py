@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from glm_train.config import AttentionImpl, ModelConfig, PositionEncoding
 from glm_train.model.rope import apply_rope_any
@@ -61,10 +62,12 @@ class SelfAttention(nn.Module):
     """Fused [Q; K; V] projection (column-parallel, heads split over TP ranks), output projection
     (row-parallel). DeepNorm's beta scales the V and output initializations, not Q and K."""
 
-    def __init__(self, cfg: ModelConfig, layer_number: int, beta: float, seed: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_number: int, beta: float, seed: int,
+                 recompute: bool = False) -> None:
         super().__init__()
         d = cfg.hidden
         self.layer_number = layer_number
+        self.recompute = recompute
         self.heads = cfg.heads // tp_world_size()
         self.head_dim = d // cfg.heads
         self.impl = AttentionImpl(cfg.attention_impl)
@@ -81,20 +84,37 @@ class SelfAttention(nn.Module):
         this call's S new ones are appended."""
         b, s, _ = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x [B,H,S,D]
+        if cache is None and self.recompute and torch.is_grad_enabled():
+            # Selective recomputation: keep q, k, v (views of one projection output) and rebuild the
+            # rotated copies, the kernel's saved state and (eager path) the S x S scores in backward.
+            # The default RNG stream is restored for the replay, so TP_RANDOM replays the dropout.
+            ctx = checkpoint(self._core, q, k, v, cos, sin, mask, None, use_reentrant=False)
+        else:
+            ctx = self._core(q, k, v, cos, sin, mask, cache)
+        return self.dense(ctx.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              mask: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """RoPE and the attention kernel: [B,H,S,D] q, k, v to the context [B,H,S,D]."""
         q = apply_rope_any(q, cos, sin, self.two_d)
         k = apply_rope_any(k, cos, sin, self.two_d)
         if cache is not None:
             k, v = cache.update(self.layer_number, k, v)
         p = self.attention_dropout if self.training else 0.0
+        if p == 0.0:
+            # No randomness: skip the RNG fork, which would also break a torch.compile graph.
+            return self._kernel(q, k, v, mask, p)
         # Heads are sharded over TP ranks: their dropout masks come from the per-rank stream.
         with TP_RANDOM.fork():
-            if self.impl == AttentionImpl.sdpa:
-                # SDPA kernels accumulate the softmax in FP32 whatever the input dtype, which is what
-                # query-key layer scaling protects in the eager path.
-                ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-            else:
-                ctx = self._eager(q, k, v, mask, p)
-        return self.dense(ctx.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+            return self._kernel(q, k, v, mask, p)
+
+    def _kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                p: float) -> torch.Tensor:
+        if self.impl == AttentionImpl.sdpa:
+            # SDPA kernels accumulate the softmax in FP32 whatever the input dtype, which is what
+            # query-key layer scaling protects in the eager path.
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        return self._eager(q, k, v, mask, p)
 
     def _eager(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                p: float) -> torch.Tensor:

@@ -18,14 +18,16 @@ class GLMBlock(nn.Module):
     The residual carries the *normalized* input scaled by alpha, as in GLM-130B's code.
     """
 
-    def __init__(self, cfg: ModelConfig, layer_number: int, seed: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_number: int, seed: int,
+                 recompute: frozenset[str] = frozenset()) -> None:
+        """``recompute``: parts rebuilt in backward instead of stored ("attention", "geglu")."""
         super().__init__()
         self.alpha, beta = deepnorm_constants(cfg.layers, cfg.deepnorm)
         self.layer_number = layer_number
         self.input_layernorm = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps)
-        self.attention = SelfAttention(cfg, layer_number, beta, seed)
+        self.attention = SelfAttention(cfg, layer_number, beta, seed, recompute="attention" in recompute)
         self.post_attention_layernorm = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps)
-        self.mlp = GeGLU(cfg, layer_number, beta, seed)
+        self.mlp = GeGLU(cfg, layer_number, beta, seed, recompute="geglu" in recompute)
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,

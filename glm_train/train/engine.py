@@ -9,12 +9,12 @@ from typing import Any
 import deepspeed
 import torch
 
-from glm_train.config import GLMConfig, Precision
+from glm_train.config import GLMConfig, OptimizerImpl, Precision
 from glm_train.parallel.grad_norm import clip_grad_norm
 from glm_train.parallel.random import TP_RANDOM
 from glm_train.parallel.topology import ParallelState
 from glm_train.train.grad_accum import install_fp32_grad_accumulation
-from glm_train.train.pipeline import glm_pipeline
+from glm_train.train.pipeline import BlockPipe, glm_pipeline
 
 
 def data_parallel_size(cfg: GLMConfig) -> int:
@@ -70,10 +70,15 @@ def build_engine(cfg: GLMConfig, backend: str) -> tuple[deepspeed.PipelineEngine
     par = ParallelState(cfg.parallel.tp, cfg.parallel.pp, data_parallel_size(cfg))
     TP_RANDOM.seed(cfg.train.seed, par.get_pipeline_model_parallel_rank(), par.get_tensor_model_parallel_rank())
     module = glm_pipeline(cfg.model, cfg.train.seed, par.topology, partition=cfg.parallel.partition,
-                          activation_checkpoint_interval=cfg.parallel.activation_checkpoint_interval)
+                          activation_checkpoint_interval=cfg.parallel.activation_checkpoint_interval,
+                          selective_recompute=frozenset(cfg.parallel.selective_recompute))
     t = cfg.train
+    if t.compile:
+        compile_blocks(module)
+    impl = OptimizerImpl(t.optimizer_impl)
     optimizer = torch.optim.AdamW(param_groups(module, t.weight_decay), lr=t.lr,
-                                  betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+                                  betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                                  fused=impl == OptimizerImpl.fused, foreach=impl == OptimizerImpl.foreach)
     if cfg.precision == Precision.fp16:
         _allow_cpu_fp16()
     # No DeepSpeed LR scheduler: the trainer sets the LR before each step from (step, consumed samples),
@@ -85,6 +90,17 @@ def build_engine(cfg: GLMConfig, backend: str) -> tuple[deepspeed.PipelineEngine
     if _owns_clipping(cfg):
         _own_fp32_clipping(engine, par, t.clip_grad if t.clip_grad > 0 else math.inf)
     return engine, par
+
+
+def compile_blocks(module: torch.nn.Module) -> None:
+    """torch.compile each transformer block in place.
+
+    Blocks, not the pipeline module: DeepSpeed's schedule, communication and activation
+    checkpointing stay in eager code, and the blocks are identical, so one compiled graph serves all.
+    """
+    for layer in module.modules():
+        if isinstance(layer, BlockPipe):
+            layer.compile()
 
 
 def _own_fp32_clipping(engine: deepspeed.PipelineEngine, par: ParallelState, max_norm: float) -> None:

@@ -25,12 +25,17 @@ position and 8.803 GFLOP with it on half of them (Part B), against 6 x 1.214e9 =
 
 Activation checkpointing recomputes each transformer block's forward in the backward pass: that is
 work the hardware does but the model does not need, so it enters :func:`hardware_flops_per_token`
-(for HFU) and not :func:`model_flops_per_token` (for MFU).
+(for HFU) and not :func:`model_flops_per_token` (for MFU). Selective recomputation of "attention"
+(``parallel.selective_recompute``) runs each block's attention kernel once more, 2 * 2 * s * h per token
+per layer (only Q K^T, half that, on the eager path), even in blocks that are also recomputed whole (their replay stores the kernel's inputs
+again and recomputes it once more in backward); "geglu" recomputes no matmul.
 """
 
 from __future__ import annotations
 
-from glm_train.config import ModelConfig
+from collections.abc import Iterable
+
+from glm_train.config import AttentionImpl, ModelConfig
 
 
 def block_forward_flops_per_token(model_cfg: ModelConfig, seq_length: int) -> float:
@@ -85,10 +90,24 @@ def hardware_flops_per_token(
     seq_length: int,
     scored_fraction: float = 1.0,
     activation_checkpoint_interval: int = 0,
+    selective_recompute: Iterable[str] = (),
 ) -> float:
     """FLOPs the hardware executes per token: the model's, plus one more forward of each block that
-    activation checkpointing recomputes (:func:`recomputed_blocks`; all of them at interval 1). The
-    embedding and the head are never recomputed."""
+    activation checkpointing recomputes (:func:`recomputed_blocks`; all of them at interval 1), plus
+    the attention kernel of every block under selective "attention" recomputation. The embedding and
+    the head are never recomputed."""
     total = model_flops_per_token(model_cfg, seq_length, scored_fraction)
     n = recomputed_blocks(model_cfg.layers, activation_checkpoint_interval)
-    return total + n * block_forward_flops_per_token(model_cfg, seq_length)
+    total += n * block_forward_flops_per_token(model_cfg, seq_length)
+    if "attention" in selective_recompute:
+        # Non-reentrant checkpointing stops replaying once every saved tensor is back: the fused SDPA
+        # kernel saves its output, so it reruns whole; the eager path's P V matmul saves only its
+        # inputs, so only Q K^T reruns.
+        matmuls = 2 if AttentionImpl(model_cfg.attention_impl) == AttentionImpl.sdpa else 1
+        total += model_cfg.layers * matmuls * 2 * seq_length * model_cfg.hidden
+    return total
+
+
+def recomputes(activation_checkpoint_interval: int, selective_recompute: Iterable[str]) -> bool:
+    """Whether the hardware repeats any matmul (then HFU differs from MFU)."""
+    return activation_checkpoint_interval > 0 or "attention" in selective_recompute

@@ -34,8 +34,9 @@ def _hold_for_head(embedding: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tens
 
 
 class BlockPipe(GLMBlock):
-    def __init__(self, cfg: ModelConfig, layer_number: int, seed: int) -> None:
-        super().__init__(cfg, layer_number, seed)
+    def __init__(self, cfg: ModelConfig, layer_number: int, seed: int,
+                 recompute: frozenset[str] = frozenset()) -> None:
+        super().__init__(cfg, layer_number, seed, recompute)
         self.head_dim = cfg.hidden // cfg.heads
         self.rope_base = cfg.rope_base
         self.two_d = PositionEncoding(cfg.position_encoding) == PositionEncoding.rope_2d
@@ -87,11 +88,12 @@ class GLMPipelineModule(PipelineModule):
 
 
 def glm_pipeline(cfg: ModelConfig, seed: int, topology, partition: str = "glm",
-                 activation_checkpoint_interval: int = 0) -> PipelineModule:
+                 activation_checkpoint_interval: int = 0,
+                 selective_recompute: frozenset[str] = frozenset()) -> PipelineModule:
     """Layer 0: embedding; 1..N: blocks; N+1: final LayerNorm; N+2: tied head."""
     assert cfg.vocab_size is not None
     specs = [TiedLayerSpec("embedding", EmbeddingPipe, cfg.vocab_size, cfg.hidden, std=cfg.init_std, seed=seed)]
-    specs += [LayerSpec(BlockPipe, cfg, i, seed) for i in range(cfg.layers)]
+    specs += [LayerSpec(BlockPipe, cfg, i, seed, selective_recompute) for i in range(cfg.layers)]
     specs.append(LayerSpec(FinalLayerNormPipe, cfg.hidden, eps=cfg.layernorm_eps))
     specs.append(TiedLayerSpec("embedding", EmbeddingPipe, cfg.vocab_size, cfg.hidden, std=cfg.init_std,
                                seed=seed, forward_fn=_hold_for_head))

@@ -29,7 +29,7 @@ from glm_train.data.indexed import IndexedDataset, check_fingerprint
 from glm_train.data.tokenizer import GLMTokenizer
 from glm_train.train.checkpoint import CheckpointManager
 from glm_train.train.engine import build_engine, data_parallel_size, set_lr
-from glm_train.train.flops import hardware_flops_per_token, model_flops_per_token
+from glm_train.train.flops import hardware_flops_per_token, model_flops_per_token, recomputes
 from glm_train.train.guard import SpikeGuard, UpdateGate, Verdict, batch_loss_and_norm
 from glm_train.train.metrics import MetricsWriter, plot_losses
 from glm_train.train.schedules import (
@@ -403,15 +403,17 @@ class Trainer:
         devices = dist.get_world_size()
         model = tokens * model_flops_per_token(cfg.model, cfg.model.seq_length, scored_fraction) / dt / devices
         out = {"model_tflops": model / 1e12}
-        interval = cfg.parallel.activation_checkpoint_interval
-        hw = tokens * hardware_flops_per_token(cfg.model, cfg.model.seq_length, scored_fraction, interval)
+        interval, selective = cfg.parallel.activation_checkpoint_interval, cfg.parallel.selective_recompute
+        hw = tokens * hardware_flops_per_token(cfg.model, cfg.model.seq_length, scored_fraction, interval,
+                                               selective)
         hw = hw / dt / devices
-        if interval > 0:
+        recompute = recomputes(interval, selective)
+        if recompute:
             out["hardware_tflops"] = hw / 1e12
         peak = cfg.hardware.peak_tflops
         if peak:
             out["mfu"] = model / (peak * 1e12)
-            if interval > 0:
+            if recompute:
                 out["hfu"] = hw / (peak * 1e12)
         return out
 
