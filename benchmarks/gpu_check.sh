@@ -10,7 +10,7 @@
 #   1. python3 -m pytest -q -m gpu tests/test_gpu.py   (forward bf16/fp32 vs CPU, SDPA vs eager,
 #      bf16 ZeRO-1 training + checkpoint + resume, fp32 GPU vs CPU training)
 #   2. python3 benchmarks/gpu_mfu.py: MFU of the ~1B GLM (configs/model/glm-1b.yaml) in bf16,
-#      micro-batch 8, then 4, 2, 1 after an out-of-memory
+#      micro-batch 8, then 4, 2, 1 after an out-of-memory; then the same with split attention
 #   3. python3 benchmarks/plan_check.py: glm-plan's memory estimate against measured peaks
 # Logs and JSON go to $OUT (default /tmp/gpu_out); a summary table is printed at the end.
 # Dry run without a GPU: PYTHON=.venv/bin/python GLM_GPU_TESTS_ON_CPU=1 GPU_MFU_MICRO_BATCHES=2 \
@@ -115,6 +115,21 @@ if [ "$env_rc" = 0 ]; then
         fi
     done
 
+    # The same run with the mask-free split attention (FlashAttention-eligible), at the micro-batch
+    # that fitted: the side-by-side figure that decides the GPU default.
+    if [ -f "$OUT/gpu_mfu.json" ]; then
+        mb_ok=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['micro_batch'])" "$OUT/gpu_mfu.json")
+        t=$(left 200)
+        if [ "$t" -ge 60 ]; then
+            # shellcheck disable=SC2086
+            timeout -k 10 "$t" "$PY" benchmarks/gpu_mfu.py --micro-batch "$mb_ok" --attention-impl split \
+                --json "$OUT/gpu_mfu_split.json" $MFU_ARGS 2>&1 | tee "$OUT/gpu_mfu_split.log"
+            note "mfu split attention, micro-batch $mb_ok: exit ${PIPESTATUS[0]}"
+        else
+            note "mfu split attention: no time left"
+        fi
+    fi
+
     echo "== 3. glm-plan against measured peak memory ($((BUDGET_S - SECONDS)) s of budget left)"
     t=$(left 240)
     if [ "$t" -ge 60 ]; then
@@ -175,6 +190,12 @@ if mfu.is_file():
     print(f"  MFU vs measured peak {f('mfu_vs_measured_peak', '{:.1%}')} | MFU vs datasheet "
           f"{f('mfu_vs_datasheet', '{:.1%}')} | peak memory {f('peak_memory_allocated_gib', '{:.1f}')} GiB "
           f"of {f('device_memory_gib', '{:.0f}')} | GFLOP/token {f('model_gflops_per_token', '{:.3f}')}")
+    split = out / "gpu_mfu_split.json"
+    if split.is_file():
+        r2 = json.loads(split.read_text())
+        print(f"  split attention: tokens/s {r2.get('tokens_per_s', 0):.0f} | MFU vs measured peak "
+              f"{r2.get('mfu_vs_measured_peak', 0):.1%} | vs datasheet {r2.get('mfu_vs_datasheet', 0):.1%} | "
+              f"peak memory {r2.get('peak_memory_allocated_gib', 0):.1f} GiB")
 else:
     tried = sorted(out.glob("gpu_mfu_mb*.json"))
     print("MFU: no successful run;", "; ".join(f"{p.name}: {json.loads(p.read_text()).get('status')}" for p in tried))

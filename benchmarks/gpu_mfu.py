@@ -88,6 +88,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="share of each sequence in Part B (scored; the head runs there only)",
     )
     p.add_argument("--dropout", type=float, help="override the preset's hidden and attention dropout")
+    p.add_argument("--attention-impl", choices=["sdpa", "split", "eager"],
+                   help="model.attention_impl (default: the preset's)")
+    p.add_argument("--compile", action="store_true", help="train.compile (torch.compile each block)")
+    p.add_argument("--selective", default="", help="parallel.selective_recompute, e.g. attention,geglu")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument(
         "--peak-size", type=int, help="square matmul size for the peak (default 8192; 1024 on CPU)"
@@ -113,6 +117,8 @@ def build_config(args: argparse.Namespace) -> Any:
             setattr(model, attr, val)
     if args.dropout is not None:
         model.dropout = model.attention_dropout = args.dropout
+    if args.attention_impl:
+        model.attention_impl = args.attention_impl
     model.vocab_size = int(math.ceil(args.vocab / model.pad_vocab_multiple) * model.pad_vocab_multiple)
     cfg = GLMConfig(model=model)
     cfg.precision = Precision(args.precision)
@@ -123,6 +129,8 @@ def build_config(args: argparse.Namespace) -> Any:
     cfg.train.progress = False
     cfg.parallel.zero_stage = 1
     cfg.parallel.activation_checkpoint_interval = args.checkpoint_interval
+    cfg.parallel.selective_recompute = [x for x in args.selective.split(",") if x]
+    cfg.train.compile = args.compile
     cfg.eval.every = 0
     validate(cfg, check_paths=False)
     return cfg
@@ -213,6 +221,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "micro_batch": args.micro_batch,
         "grad_accum": args.grad_accum,
         "activation_checkpoint_interval": args.checkpoint_interval,
+        "selective_recompute": args.selective,
+        "compile": args.compile,
         "warmup_steps": args.warmup,
         "timed_steps": args.steps,
         "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
@@ -261,7 +271,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tokens_per_step = cfg.train.global_batch * m.seq_length
     total = sum(times)
     mflops = model_flops_per_token(m, m.seq_length, scored)
-    hflops = hardware_flops_per_token(m, m.seq_length, scored, args.checkpoint_interval)
+    hflops = hardware_flops_per_token(m, m.seq_length, scored, args.checkpoint_interval,
+                                      cfg.parallel.selective_recompute)
     tok_s = tokens_per_step * len(times) / total
     achieved = tok_s * mflops / 1e12
     res.update(

@@ -40,6 +40,9 @@ class PositionEncoding(str, enum.Enum):
 class AttentionImpl(str, enum.Enum):
     sdpa = "sdpa"  # torch scaled_dot_product_attention with a boolean prefix mask
     eager = "eager"  # explicit FP32 softmax with query-key layer scaling (reference path)
+    # Two mask-free SDPA calls, so GPUs can use FlashAttention: causal over the whole sequence, then
+    # bidirectional over each sample's Part A, whose rows replace the causal ones.
+    split = "split"
 
 
 @dataclass
@@ -75,7 +78,9 @@ class ModelConfig:
     rope_base: float = 10000.0
     """RoPE base frequency."""
     attention_impl: AttentionImpl = AttentionImpl.sdpa
-    """Attention kernel: SDPA (fast) or eager (explicit FP32 softmax, query-key layer scaling)."""
+    """Attention kernel: sdpa (one call with the boolean prefix mask; fastest on CPU), split (two
+    mask-free calls that FlashAttention kernels accept; for GPUs) or eager (explicit FP32 softmax with
+    query-key layer scaling, the reference). Decoding with a KV cache always uses the mask."""
     init_std: float = 0.02
     """Std of the normal init of the (tied) word embedding."""
 

@@ -62,3 +62,21 @@ def test_compile_selective_recompute_and_adamw_kernels_match_eager(tiny_data, tm
         # Inductor fuses and reorders the element-wise work: equal to rounding, compounded over 6 steps.
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-4), (a["step"], a["loss"], b["loss"])
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=2e-3), (a["step"], a["grad_norm"], b["grad_norm"])
+
+
+def test_split_attention_equals_the_masked_kernel():
+    """The two mask-free calls against one SDPA call with the boolean mask, values and gradients."""
+    from glm_train.model.glm import GLMModel
+
+    grads = {}
+    s = 24
+    ids = torch.randint(0, 200, (4, s))
+    prefix = torch.tensor([0, 5, 13, s])  # no Part A, short, long, everything Part A
+    for impl in (AttentionImpl.sdpa, AttentionImpl.split):
+        cfg = ModelConfig(hidden=64, heads=4, layers=2, seq_length=s, vocab_size=256, attention_impl=impl)
+        model = GLMModel(cfg, seed=3)
+        logits = model(ids, prefix_lengths=prefix)
+        logits.float().square().mean().backward()
+        grads[impl] = [logits.detach(), *[p.grad for p in model.parameters()]]
+    for a, b in zip(grads[AttentionImpl.sdpa], grads[AttentionImpl.split], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

@@ -11,8 +11,8 @@ Tolerances:
   dozen times; the same comparison with bf16 on the CPU measures 7e-3. A wrong mask, position or
   kernel gives errors of order 1.
 - fp32 on the GPU (TF32 off, the default that neither our code nor DeepSpeed changes) vs fp32 CPU,
-  and SDPA vs eager in fp32 on the GPU: <= 1e-4 (the CPU pair measures 2e-7; TF32's 10-bit
-  mantissa would give about 1e-3). SDPA vs eager in bf16, outputs and parameter gradients: <= 2e-2
+  and SDPA or split vs eager in fp32 on the GPU: <= 1e-4 (the CPU pair measures 2e-7; TF32's 10-bit
+  mantissa would give about 1e-3). SDPA or split vs eager in bf16, outputs and parameter gradients: <= 2e-2
   (the CPU pair measures 2.7e-3 and 3.6e-3).
 - Resume vs uninterrupted in bf16 (dropout on): per-step losses within 1e-4 relative. CUDA
   kernels (SDPA's memory-efficient backward) need not be bitwise reproducible; their fp32-level
@@ -102,7 +102,7 @@ def test_tf32_is_off():
     )
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager", "split"])
 def test_forward_on_gpu_matches_fp32_cpu(impl):
     from glm_train.train.loss import masked_token_losses
 
@@ -127,13 +127,14 @@ def test_forward_on_gpu_matches_fp32_cpu(impl):
     assert _rel(other, ref) > 0.1
 
 
-def test_sdpa_matches_eager_on_gpu():
-    sdpa, eager = _model("sdpa"), _model("eager")
+@pytest.mark.parametrize("impl", ["sdpa", "split"])
+def test_fused_kernels_match_eager_on_gpu(impl):
+    fused, eager = _model(impl), _model("eager")
     ids, targets, prefix = _inputs()
     errs = {}
     for dtype, name in [(torch.float32, "fp32"), (torch.bfloat16, "bf16")]:
         outs, grads = [], []
-        for model in (sdpa, eager):
+        for model in (fused, eager):
             m = copy.deepcopy(model).to(device=DEVICE, dtype=dtype)
             logits = m(ids.to(DEVICE), prefix_lengths=prefix.to(DEVICE))
             logits.float().square().mean().backward()
@@ -141,7 +142,7 @@ def test_sdpa_matches_eager_on_gpu():
             grads.append(torch.cat([p.grad.float().flatten().cpu() for p in m.parameters()]))
         errs[f"{name}_out_rel_l2"] = _rel(outs[0], outs[1])
         errs[f"{name}_grad_rel_l2"] = _rel(grads[0], grads[1])
-    _report("sdpa_vs_eager", **errs)
+    _report(f"{impl}_vs_eager", **errs)
     assert errs["fp32_out_rel_l2"] <= 1e-4 and errs["fp32_grad_rel_l2"] <= 1e-4, errs
     assert errs["bf16_out_rel_l2"] <= 2e-2 and errs["bf16_grad_rel_l2"] <= 2e-2, errs
 

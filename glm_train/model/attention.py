@@ -81,7 +81,8 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 cache: KVCache | None = None) -> torch.Tensor:
         """``mask`` [B, 1, S, T] (True: visible); T = S without a cache, else the cache's slots after
-        this call's S new ones are appended."""
+        this call's S new ones are appended. Or, for the split kernel, the Part-A lengths [B]
+        (:func:`glm_train.model.mask.attention_mask`)."""
         b, s, _ = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x [B,H,S,D]
         if cache is None and self.recompute and torch.is_grad_enabled():
@@ -110,7 +111,9 @@ class SelfAttention(nn.Module):
 
     def _kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                 p: float) -> torch.Tensor:
-        if self.impl == AttentionImpl.sdpa:
+        if mask.dtype != torch.bool:  # Part-A lengths: the split kernel (mask.attention_mask)
+            return split_prefix_attention(q, k, v, mask, p)
+        if self.impl != AttentionImpl.eager:
             # SDPA kernels accumulate the softmax in FP32 whatever the input dtype, which is what
             # query-key layer scaling protects in the eager path.
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
@@ -127,3 +130,24 @@ class SelfAttention(nn.Module):
         if p > 0:
             probs = F.dropout(probs, p=p)
         return torch.matmul(probs, v)
+
+
+def split_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_lengths: torch.Tensor,
+                           dropout_p: float = 0.0) -> torch.Tensor:
+    """GLM attention (Part A bidirectional, Part B causal) from two mask-free SDPA calls.
+
+    A Part-B query sees every key up to itself, Part A included, which is exactly causal attention;
+    a Part-A query sees Part A and nothing else, which is unmasked attention over Part A. Neither call
+    needs a mask tensor, so CUDA can run both on FlashAttention, which a boolean mask rules out. Costs
+    the causal pass plus sum(a_b^2) per head, against the masked kernel's full S x S.
+    """
+    causal = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+    rows = []
+    for b, a in enumerate(prefix_lengths.tolist()):  # one host sync per call, not per sample
+        if a <= 0:
+            rows.append(causal[b:b + 1])
+            continue
+        part_a = F.scaled_dot_product_attention(q[b:b + 1, :, :a], k[b:b + 1, :, :a], v[b:b + 1, :, :a],
+                                                dropout_p=dropout_p)
+        rows.append(torch.cat([part_a, causal[b:b + 1, :, a:]], dim=2))
+    return torch.cat(rows, dim=0)

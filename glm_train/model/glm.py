@@ -12,7 +12,7 @@ from glm_train.config import ModelConfig, PositionEncoding
 from glm_train.model.attention import KVCache
 from glm_train.model.embedding import GLMEmbedding
 from glm_train.model.layer import GLMBlock
-from glm_train.model.mask import prefix_lm_mask
+from glm_train.model.mask import attention_mask as build_attention_mask
 from glm_train.model.rope import rope_tables
 
 
@@ -59,7 +59,7 @@ class GLMModel(nn.Module):
                 raise ValueError("decoding with a KV cache needs an explicit attention_mask")
             if prefix_lengths is None:
                 prefix_lengths = torch.zeros(b, dtype=torch.long, device=input_ids.device)
-            attention_mask = prefix_lm_mask(prefix_lengths, s)
+            attention_mask = build_attention_mask(prefix_lengths, s, self.cfg.attention_impl)
         h = self.embedding(input_ids)
         cos, sin = rope_tables(position_ids, self.cfg.hidden // self.cfg.heads, self.cfg.rope_base,
                                self.two_d, h.dtype)

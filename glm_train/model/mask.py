@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from glm_train.config import AttentionImpl
+
 
 def prefix_lm_mask(prefix_lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
     """Boolean mask [B, 1, S, S], True where query i may attend to key j.
@@ -15,3 +17,11 @@ def prefix_lm_mask(prefix_lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
     causal = idx.view(1, seq_len, 1) >= idx.view(1, 1, seq_len)  # [1, S, S]: j <= i
     prefix = idx.view(1, 1, seq_len) < prefix_lengths.view(-1, 1, 1)  # [B, 1, S]: j < prefix
     return (causal | prefix).unsqueeze(1)
+
+
+def attention_mask(prefix_lengths: torch.Tensor, seq_len: int, impl: AttentionImpl) -> torch.Tensor:
+    """What the attention kernel ``impl`` takes: the Part-A lengths [B] for ``split`` (it needs no
+    [B, 1, S, S] mask), the boolean mask of :func:`prefix_lm_mask` otherwise."""
+    if AttentionImpl(impl) == AttentionImpl.split:
+        return prefix_lengths
+    return prefix_lm_mask(prefix_lengths, seq_len)

@@ -16,7 +16,7 @@ from torch import nn
 from glm_train.config import ModelConfig, PositionEncoding
 from glm_train.model.embedding import GLMEmbedding
 from glm_train.model.layer import GLMBlock
-from glm_train.model.mask import prefix_lm_mask
+from glm_train.model.mask import attention_mask
 from glm_train.model.rope import rope_tables
 from glm_train.train.loss import GLMHeadLoss
 
@@ -45,7 +45,7 @@ class BlockPipe(GLMBlock):
         hidden, position_ids, prefix_lengths = inputs
         # Recomputed per layer: a few element-wise ops, cheaper than sending [S, S] masks between stages.
         cos, sin = rope_tables(position_ids, self.head_dim, self.rope_base, self.two_d, hidden.dtype)
-        mask = prefix_lm_mask(prefix_lengths, hidden.shape[1])
+        mask = attention_mask(prefix_lengths, hidden.shape[1], self.attention.impl)
         return super().forward(hidden, cos, sin, mask), position_ids, prefix_lengths
 
 
