@@ -73,9 +73,11 @@ def test_bf16_tp2_pp2_close_to_one_process(tiny_data, reference, tmp_path):
 def test_tp2_pp2_resume_and_recompute_are_exact_with_dropout(tiny_data, tmp_path):
     n, extra = _layout(2, 2, 1)
     full = _launch(tiny_data, tmp_path / "full", n, *extra, "model.dropout=0.1", "model.attention_dropout=0.1")
-    # Activation recomputation must replay the same dropout masks (TP-sharded ones included).
+    # Activation recomputation must replay the same dropout masks (TP-sharded ones included), whole
+    # blocks and, inside their replay, the selectively recomputed attention core and GeGLU.
     recomputed = _launch(tiny_data, tmp_path / "recompute", n, *extra, "model.dropout=0.1",
-                         "model.attention_dropout=0.1", "parallel.activation_checkpoint_interval=1")
+                         "model.attention_dropout=0.1", "parallel.activation_checkpoint_interval=1",
+                         "parallel.selective_recompute=[attention,geglu]")
     assert [r.get("loss") for r in full] == [r.get("loss") for r in recomputed]
     assert [r.get("grad_norm") for r in full] == [r.get("grad_norm") for r in recomputed]
     _launch(tiny_data, tmp_path / "resumed", n, *extra, "model.dropout=0.1", "model.attention_dropout=0.1",
