@@ -213,8 +213,9 @@ class TrainConfig:
     pays the compilation (tens of seconds); later steps fuse the element-wise work (RoPE, GeGLU,
     LayerNorm, residuals). Results agree with eager to rounding, and resumes stay exact."""
     grad_accum_fp32: bool = True
-    """bf16/fp16: sum the micro-batches' gradients in FP32 (train/grad_accum.py). Costs 4 bytes per
-    parameter per GPU; GLM-130B summed in fp16 (its 40 GB layout needs that, see glm-plan)."""
+    """bf16/fp16: sum the micro-batches' gradients in FP32 (train/grad_accum.py). The FP32 sums replace
+    the 2-byte gradients: 2 bytes more per parameter per GPU (glm-plan counts it). GLM-130B summed in
+    fp16 (configs/glm-130b-3d.yaml keeps that)."""
     rampup: RampupConfig = field(default_factory=RampupConfig)
     """Batch-size ramp-up as Megatron's --rampup-batch-size (off unless rampup.start is set)."""
 

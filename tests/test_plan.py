@@ -1,4 +1,5 @@
-"""glm-plan: parameter counts against real modules, stage layout, the GLM-130B verdicts, the CLI."""
+"""glm-plan: parameter counts against real modules, per-block activations against what autograd saves,
+stage layout, the GLM-130B verdicts, the CLI, and plan_check's CPU memory measure."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import sys
 
 import pytest
 
-from glm_train.config import GLMConfig, ModelConfig, load_config
-from glm_train.train.plan import GIB, block_params, plan, stage_blocks
+from glm_train.config import GLMConfig, ModelConfig, Precision, load_config
+from glm_train.train.plan import GIB, activation_bytes_per_layer, block_params, plan, stage_blocks
 from tests.conftest import REPO
 
 
@@ -17,6 +18,81 @@ def test_block_params_match_the_module():
 
     m = ModelConfig(layers=2, hidden=96, heads=4, vocab_size=256)
     assert block_params(m) == sum(p.numel() for p in GLMBlock(m, 0, 0).parameters())
+
+
+def _saved_bytes(cfg: GLMConfig) -> int:
+    """Bytes autograd saves for backward in one GLMBlock forward, as BlockPipe runs it (RoPE tables and
+    mask built per layer): every saved tensor's storage counted once, whole, parameters left out."""
+    import torch
+
+    from glm_train.model.layer import GLMBlock
+    from glm_train.model.mask import attention_mask
+    from glm_train.model.rope import rope_tables
+
+    m = cfg.model
+    dtype = torch.float32 if cfg.precision == Precision.fp32 else torch.bfloat16
+    torch.manual_seed(0)
+    block = GLMBlock(m, 1, 0, frozenset(cfg.parallel.selective_recompute)).to(dtype).train()
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    b, s = cfg.train.micro_batch, m.seq_length
+    x = torch.randn(b, s, m.hidden, dtype=dtype, requires_grad=True)
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()  # views (q, k, v of the QKV output, chunks, reshapes) share one
+        if st.data_ptr() not in params:
+            storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        positions = torch.arange(s).expand(b, s) if m.position_encoding == "rope_1d" else \
+            torch.stack([torch.arange(s).expand(b, s), torch.zeros(b, s, dtype=torch.long)], dim=1)
+        cos, sin = rope_tables(positions, m.hidden // m.heads, m.rope_base, m.position_encoding == "rope_2d", dtype)
+        # Part A: half the tokens, the planner's 1 - f (the split kernel's saved rows follow it).
+        mask = attention_mask(torch.tensor([s // 2, s // 2]), s, m.attention_impl)
+        y = block(x, cos, sin, mask)
+    assert y.requires_grad
+    return sum(storages.values())
+
+
+_LAYER_CASES = [(impl, prec, rec, 0.0) for impl in ("sdpa", "eager", "split") for prec in ("fp32", "bf16")
+                for rec in ((), ("attention",), ("geglu",), ("attention", "geglu"))]
+_LAYER_CASES += [(impl, prec, rec, 0.1) for impl in ("sdpa", "eager", "split") for prec in ("fp32", "bf16")
+                 for rec in ((), ("attention", "geglu"))]
+
+
+@pytest.mark.parametrize("impl,precision,recompute,dropout", _LAYER_CASES)
+def test_activation_bytes_per_layer_match_saved_tensors(impl, precision, recompute, dropout):
+    # Sizes with s != h and a head size that is not h / 2, so that no term can stand in for another;
+    # on CPU (device="cpu": dropout keeps its noise, SDPA with attention dropout takes the math path).
+    cfg = GLMConfig()
+    cfg.model = ModelConfig(layers=2, hidden=96, heads=4, seq_length=80, vocab_size=256, attention_impl=impl,
+                            dropout=dropout, attention_dropout=dropout)
+    cfg.train.micro_batch = 2
+    cfg.precision = Precision(precision)
+    cfg.parallel.selective_recompute = list(recompute)
+    measured = _saved_bytes(cfg)
+    assert activation_bytes_per_layer(cfg, "cpu") == pytest.approx(measured, rel=0.02)
+
+
+def test_activation_bytes_per_layer_2d_rope():
+    cfg = GLMConfig()
+    cfg.model = ModelConfig(layers=2, hidden=96, heads=4, seq_length=80, vocab_size=256, position_encoding="rope_2d")
+    cfg.train.micro_batch = 2
+    assert activation_bytes_per_layer(cfg, "cpu") == pytest.approx(_saved_bytes(cfg), rel=0.02)
+
+
+def test_selective_recompute_lowers_the_plan():
+    cfg = GLMConfig()
+    cfg.model = ModelConfig(layers=4, hidden=256, heads=4, seq_length=512, vocab_size=1024, attention_impl="eager")
+    cfg.train.micro_batch = cfg.train.global_batch = 2
+    base = plan(cfg, 1)
+    cfg.parallel.selective_recompute = ["attention", "geglu"]
+    sel = plan(cfg, 1)
+    # The S x S matrices go: at least the FP32 softmax of b * a * s^2 elements.
+    assert base["activations_per_layer"] - sel["activations_per_layer"] > 2 * 4 * 512**2 * 4
+    assert sel["activations_per_layer_full"] == base["activations_per_layer"]
+    assert sel["worst"].activations < base["worst"].activations
 
 
 def test_stages_follow_glm130b_partition():
@@ -33,8 +109,12 @@ def test_single_gpu_static_memory_is_exact():
     params = 4 * block_params(cfg.model) + 1024 * 128 + 2 * 128
     st = r["worst"]
     assert st.params == params and st.weights == 4 * params  # fp32
-    assert st.optimizer == params * (8 + 4)  # Adam moments + the FP32 gradient partition, ZeRO over dp=1
+    # Adam moments and the FP32 master (DeepSpeed's ZeRO-1 clones it even in fp32), and in the step
+    # the FP32 gradient partition; ZeRO over dp=1
+    assert st.optimizer == params * (8 + 4) and st.step == params * 4
     assert r["bubble"] == 0
+    cfg.parallel.zero_stage = 0  # fp32 without ZeRO: DeepSpeed steps torch's AdamW on the model itself
+    assert plan(cfg, 1)["worst"].optimizer == params * 8
 
 
 @pytest.mark.parametrize("interval,fits", [(1, True), (0, False)])
@@ -46,6 +126,10 @@ def test_glm130b_layout_on_40gb_a100(monkeypatch, interval, fits):
     assert r["dp"] == 24 and r["micro_batches_per_pipeline"] == 176
     assert abs(r["bubble"] - 7 / 183) < 1e-9  # SPEC: 3.8%
     assert (r["worst"].total <= 40 * GIB) is fits, r["worst"].total / GIB
+    worst = r["worst"]
+    assert worst.stage == 0 and worst.grads_at_peak  # 8 micro-batches in flight; 176 > 8, so gradients exist
+    cfg.train.grad_accum_fp32 = True  # FP32 sums replace the fp16 gradients until the step: +2 bytes/param
+    assert plan(cfg, 768)["worst"].peak - worst.peak == pytest.approx(2 * worst.params)
 
 
 def test_cli_exit_codes():
@@ -57,7 +141,31 @@ def test_cli_exit_codes():
              "precision=bf16", "--gpu-mem", "80")
     assert ok.returncode == 0 and "fits" in ok.stdout, ok.stderr
     big = run("--config-name=glm-130b-3d", "--world-size", "768", "--gpu-mem", "40", "model.vocab_size=150000",
-              "train.grad_accum_fp32=true")
+              "parallel.activation_checkpoint_interval=0")
     assert big.returncode == 3 and "DOES NOT FIT" in big.stdout, big.stdout + big.stderr
+    selective = run("model=glm-1b", "model.vocab_size=50304", "train.micro_batch=4", "train.global_batch=8",
+                    "precision=bf16", "--gpu-mem", "80", "parallel.selective_recompute=[geglu]")
+    assert selective.returncode == 0 and "selective recompute: geglu" in selective.stdout, selective.stderr
     bad = run("model.heads=7")
     assert bad.returncode == 2 and "model.heads" in bad.stderr
+
+
+def test_profiler_peak_is_the_peak_of_live_tensor_bytes():
+    # benchmarks/plan_check.py's CPU measure: a running sum of the profiler's allocation and free events,
+    # autograd's included (CPU backward runs on the calling thread, which the profiler watches).
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.plan_check import allocation_events, peak_live_bytes
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        a = torch.empty(250_000)  # 1 MB
+        b = torch.empty(500_000)  # 2 MB
+        del a
+        x = torch.ones(750_000, requires_grad=True)  # 3 MB: live 5 MB
+        (x * 2.0).sum().backward()  # x.grad: 3 MB more, live 8 MB at the end
+        del b
+    events = allocation_events(prof)
+    peak, _ = peak_live_bytes(events)
+    assert abs(peak - 8_000_000) < 1000, peak  # b, x and x * 2 (or x.grad), plus a few scalars
+    assert sum(e[1] for e in events) == 6_000_000  # x and x.grad remain

@@ -3,8 +3,9 @@
     glm-plan --config-name=glm-130b-3d --world-size 768 --gpu-mem 40 --peak-tflops 312 --mfu 0.325
     glm-plan model=glm-1b train.micro_batch=8 train.global_batch=8 precision=bf16 --gpu-mem 80
 
-Overrides are the training config's KEY=VALUE pairs (data paths are not checked). The formulas are in
-glm_train/train/plan.py; docs/performance.md compares them with measured peaks.
+Overrides are the training config's KEY=VALUE pairs (data paths are not checked), e.g.
+parallel.selective_recompute=[attention,geglu]. The formulas are in glm_train/train/plan.py;
+docs/performance.md compares them with measured peaks.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
     p.add_argument("--peak-tflops", type=float, default=None, help="per GPU (default hardware.peak_tflops or 989)")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilization for the step time")
-    p.add_argument("--device", choices=("gpu", "cpu"), default="gpu", help="cpu: SDPA keeps the score matrices")
-    args = p.parse_args(argv)
+    p.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
+                   help="cpu: dropout keeps its noise, SDPA with attention dropout runs its math path")
+    args = p.parse_intermixed_args(argv)  # overrides may follow options
     from glm_train.config import ConfigError, load_config
 
     world = args.world_size
@@ -48,19 +50,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     r = plan(cfg, world, args.device)
     peak = args.peak_tflops or cfg.hardware.peak_tflops or 989.0
     par = cfg.parallel
+    selective = ", ".join(par.selective_recompute) or "none"
     print(f"{m.name}: L={m.layers} h={m.hidden} heads={m.heads} ffn={m.ffn_size()} V={m.vocab_size} "
           f"s={m.seq_length}; tp={par.tp} pp={par.pp} dp={r['dp']} ZeRO-{par.zero_stage} {cfg.precision.value}, "
           f"micro-batch {cfg.train.micro_batch}, global {cfg.train.global_batch} "
           f"({r['micro_batches_per_pipeline']} micro-batches per pipeline), "
-          f"recompute interval {par.activation_checkpoint_interval}")
-    print(f"{'stage':>5}{'params':>10}{'weights':>10}{'grads':>9}{'optim':>9}{'activ':>9}{'logits':>9}"
-          f"{'total GiB':>11}")
+          f"recompute interval {par.activation_checkpoint_interval}, selective recompute: {selective}")
+    full, kept = r["activations_per_layer_full"], r["activations_per_layer"]
+    print(f"activations per block and micro-batch: {kept / 2**20:,.1f} MiB ({m.attention_impl.value} attention"
+          + (f"; {full / 2**20:,.1f} MiB without selective recompute)" if kept != full else ")"))
+    # step: buffers of the optimizer step (FP32 gradient partition, or ZeRO's two reduction buckets,
+    # one of which already exists during the backward pass); bwd: one block's backward pass beyond the
+    # stored activations, incl. a recomputed chunk; head: the loss's logits and hidden states.
+    print(f"{'stage':>5}{'params':>10}{'weights':>10}{'grads':>9}{'optim':>9}{'step':>8}{'activ':>9}{'head':>8}"
+          f"{'bwd':>8}{'total GiB':>11}")
     for st in r["stages"]:
-        print(f"{st.stage:>5}{st.params / 1e9:>9.2f}B{st.weights / GIB:>10.2f}{st.gradients / GIB:>9.2f}"
-              f"{st.optimizer / GIB:>9.2f}{st.activations / GIB:>9.2f}{st.logits / GIB:>9.2f}{st.total / GIB:>11.2f}")
+        grads = f"{st.gradients / GIB:>8.2f}" + (" " if st.grads_at_peak else "*")
+        print(f"{st.stage:>5}{st.params / 1e9:>9.2f}B{st.weights / GIB:>10.2f}{grads}{st.optimizer / GIB:>9.2f}"
+              f"{max(st.step, 2 * st.bucket) / GIB:>8.2f}{st.activations / GIB:>9.2f}{st.logits / GIB:>8.2f}"
+              f"{st.backward / GIB:>8.2f}{st.total / GIB:>11.2f}")
+    if not all(st.grads_at_peak for st in r["stages"]):
+        print("* gradients made during the backward pass, not yet there when the activations peak")
     worst = r["worst"]
     fits = worst.total <= args.gpu_mem * GIB
     print(f"largest stage {worst.stage}: {worst.total / GIB:.1f} GiB incl. {100 * (OVERHEAD - 1):.0f}% overhead, "
+          f"at the {'optimizer step' if worst.peak_phase == 'step' else 'backward pass'}, "
           f"GPU {args.gpu_mem:.0f} GiB: {'fits' if fits else 'DOES NOT FIT'}")
     print(f"pipeline bubble {r['bubble']:.1%}; {r['tokens_per_step']:,} tokens/step; step time at MFU "
           f"{args.mfu:.1%} of {peak:g} TFLOP/s: {step_time(r, world, peak, args.mfu):.2f} s")

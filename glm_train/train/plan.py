@@ -1,29 +1,89 @@
 """Memory and time planner: per-GPU memory of a layout, the pipeline bubble, the step time at an MFU.
 
-Every term is per GPU, for the pipeline stage that needs the most, in bytes:
+Every term is per GPU, for the pipeline stage that needs the most, in bytes. P: parameters on the
+stage / TP (LayerNorms replicated); w: bytes of a weight or activation element, 2 (bf16/fp16) or 4
+(fp32); Z = dp with ZeRO-1, else 1; s sequence, b micro-batch, h hidden, a heads, I GeGLU size, t TP,
+V padded vocabulary.
 
-weights      P * w                      P: parameters on the stage / TP (LayerNorms replicated),
-                                        w = 2 bytes (bf16/fp16) or 4 (fp32)
-gradients    P * w                      the model's own .grad
-             + P * 4                    bf16/fp16 with train.grad_accum_fp32: the FP32 sums (grad_accum.py)
-optimizer    P * (8 + m) / Z            Adam moments (8) + FP32 master (m = 4, 0 in fp32) ...
-             + P * 4 / Z                ... + the FP32 gradient partition of the step; Z = dp with ZeRO-1
-activations  per layer and micro-batch, with s sequence, b micro-batch, h hidden, a heads, I GeGLU
-             size, t TP, in units of s*b*h bytes at 2-byte activations (x2 in fp32):
-               10 + (16 + 8 I / h) / t  (Megatron-LM's 34sbh accounting with the 4h GELU MLP replaced
-                                         by GeGLU: fc_in output 2I, gelu(gate) I, product I)
-               + 5 a s / (h t)          only for attention that materializes the scores (eager, and
-                                        SDPA on CPU with a mask), whose backward also holds two FP32
-                                        b a s^2 / t gradients of one layer; SDPA's fused GPU kernels
-                                        keep O(s)
-             with activation checkpointing: 2 (the layer input) per layer, plus one recomputed
-             chunk of `interval` layers in full during the backward pass
-             x in-flight micro-batches: 1F1B keeps min(pp - stage, m) on a stage (m micro-batches
-             per pipeline); the last stage also holds the head's logits on the scored positions:
-             b * s * f * V / t * 10 bytes (bf16 logits, FP32 copy, saved softmax), f ~ 0.5
+weights      P * w
+gradients    P * w                      the model's own .grad; bf16/fp16 with train.grad_accum_fp32:
+             or P * 4                   the FP32 sums instead (grad_accum.py), which take each .grad as
+                                        backward makes it and hand it back, rounded, only for the step
+optimizer    P * (8 + 4) / Z            ZeRO-1: Adam moments and the FP32 master partition (DeepSpeed
+                                        clones it even in fp32) ...
+step         + P * 4 / Z                ... and, during the step only, the FP32 gradient partition.
+                                        Without ZeRO: fp32 hands torch's AdamW the model itself (P * 8,
+                                        no step buffer); DeepSpeed's bf16 optimizer keeps FP32 master and
+                                        gradients (P * 16), its fp16 one the master (P * 12) and makes
+                                        the FP32 gradients in the step (P * 4) (read, not measured).
+                                        train.optimizer_impl=foreach adds P * 4 / Z to the step (an FP32
+                                        temporary of every parameter); fused (default) adds nothing
+ZeRO buckets R * w                      ZeRO-1's reduction bucket of R = 5e8 elements (DeepSpeed's
+                                        reduce_bucket_size default, which the engine keeps), made at a
+                                        micro-batch's first gradient whatever the model's size, and a
+                                        second one when the step's reduction starts (2 R w, 1.9 GiB in
+                                        bf16/fp16); both freed before the FP32 partition is made
+activations  what autograd keeps of one block for one micro-batch (activation_bytes_per_layer), per
+             s*b*h element unless marked, checked tensor by tensor in tests/test_plan.py:
+               4w                       block input (LN1's), LN1 output (QKV input and residual), LN2
+                                        input, LN2 output (GeGLU input); replicated over TP ranks
+               + 2d                     hidden dropout masks (dropout > 0): d = 1 (CUDA's bool mask) or
+                                        w (CPU keeps the scaled noise)
+               + 2w / a                 RoPE cos/sin [b, s, h/a], rebuilt in every layer (BlockPipe)
+               + (A + 4I w / h) / t     attention and GeGLU (dense_in output 2I, gelu(gate) I, product I)
+               + M * b*s*s              the [b, 1, s, s] mask, replicated over heads and TP ranks
+               + S * b*a*s*s / t        attention matrices, for kernels that keep them
+             with A, M, S by attention path:
+               SDPA (fused)  A = 6w (rotated q, k; the QKV output, v being a view of it; the kernel
+                             output, of which the dense input is a view) + 4a/h (FP32 logsumexp);
+                             M = w (the bool mask turned additive); S = 0. CUDA's
+                             memory-efficient kernel (the one that takes a mask) and CPU's flash kernel
+                             keep the same set; on CPU with 2-D RoPE the dense input is a copy: + w
+               SDPA on CPU with attention dropout: the math path in FP32: A = 12 + w (FP32 q, k, v, the
+                             context copy), M = 0, S = 12 (FP32 softmax, dropout noise, dropped probs)
+               eager         A = 4w (scaled q, rotated k, contiguous v, context copy); M = 1 (~mask);
+                             S = 4 (FP32 softmax) + w (its bf16/fp16 cast, 0 in fp32) without attention
+                             dropout, 4 + d + w (softmax, mask, dropped probs) with it
+               split         (two mask-free SDPA calls, causal and Part A) A = 7w (rotated q, k; QKV
+                             output; causal output; the concatenated rows' copy for the dense) +
+                             (1 - f) w (Part-A output) + (2 - f) 4a/h (logsumexps), M = 0, S = 0;
+                             on CPU with attention dropout two FP32 math-path calls: A = 12 + 12 (1 - f)
+                             + w (fp32: 12 + 8 (1 - f) + 4w, a Part-A view of v keeping the QKV output),
+                             S = 12 (1 + (1 - f)^2), taking sum(Part A^2) ~ b (1 - f)^2 s^2
+             parallel.selective_recompute drops, per block:
+               attention     A = 4w (the QKV output: q, k, v are the checkpoint's inputs; the context),
+                             M = 1 (the bool mask input; 0 for split), S = 0, whatever the kernel
+               geglu         gelu(gate): 4I w / h becomes 3I w / h
+             in-flight: 1F1B keeps min(pp - stage, m) micro-batches on a stage (m micro-batches per
+             pipeline); per micro-batch a stage keeps, for each block, all of the above, or with
+             parallel.activation_checkpoint_interval = k only each checkpointed chunk's input (s*b*h*w;
+             DeepSpeed runs a chunk that mixes blocks with the embedding or head unchecked), plus the
+             stage's output (s*b*h*w; the last stage's is the final LayerNorm's), which DeepSpeed holds
+             until the micro-batch's backward pass is over
+peak phases  the activations above peak at the first backward op of a stage's step, on top of:
+               head      (last stage) the final LayerNorm's input and the scored hidden states
+                         (1 + f) s*b*h*w, and 12 bytes per scored logit: f s b V / t of them
+                         (FP32 log-softmax output, its incoming gradient and its result; the bf16
+                         logits and their FP32 copy are gone by then), f ~ 0.5 Part-B tokens
+               backward  (every stage, when larger) one block's backward: w s*b*h (2 + 2I / (h t)) for
+                         the incoming gradient, the one LN2 accumulates and the GeGLU gradients
+                         (+ I / (h t) when geglu is recomputed), or, when attention matrices are rebuilt
+                         or kept, what the recomputed attention and its FP32 score gradients
+                         (4 + w) b*a*s*s / t need beyond the GeGLU memory freed by then; with k > 0 also
+                         one recomputed chunk of min(k, blocks) blocks and its output (s*b*h*w)
+             gradients count towards that peak when they already exist, i.e. when the stage runs more
+             micro-batches than it keeps in flight (the engine frees .grad after each step); otherwise
+             the first backward makes them block by block as it frees activations, and where a block's
+             gradient outweighs what the block frees (recomputation) the difference accumulates over
+             the stage's blocks, and ZeRO's first bucket exists from the first gradient on; the
+             optimizer step is the other candidate peak: weights + optimizer + the largest of gradients
+             + bucket (FP32 sums up to the flush), P * w gradients + 2 buckets (the reduction), and
+             P * w gradients + step
 overhead     5% on top (allocator fragmentation, communication buffers, workspace)
 
-Checked against measured peaks (docs/performance.md) and the GLM-130B layout.
+Checked against the peak of live tensor bytes of CPU training runs (benchmarks/plan_check.py,
+docs/performance.md), CUDA's max_memory_allocated where a GPU was lent, and the GLM-130B layout.
+Not modelled: torch.compile (train.compile), which fuses element-wise work and keeps less.
 """
 
 from __future__ import annotations
@@ -31,12 +91,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from glm_train.config import AttentionImpl, GLMConfig, ModelConfig, Precision
+from glm_train.config import AttentionImpl, GLMConfig, ModelConfig, OptimizerImpl, PositionEncoding, Precision
 from glm_train.train.flops import model_flops_per_token
 
 GIB = 1024**3
 OVERHEAD = 1.05
 SCORED_FRACTION = 0.5
+LOGIT_BYTES = 12
+"""Bytes per scored logit at the loss's backward: three FP32 [tokens, V/t] tensors (see the docstring)."""
+ZERO_BUCKET_ELEMENTS = 500_000_000
+"""DeepSpeed's default zero_optimization.reduce_bucket_size (glm_train/train/engine.py leaves it)."""
 
 
 def block_params(m: ModelConfig) -> int:
@@ -44,10 +108,10 @@ def block_params(m: ModelConfig) -> int:
     return (3 * h * h + 3 * h) + (h * h + h) + (2 * f * h + 2 * f) + (f * h + h) + 4 * h
 
 
-def stage_blocks(layers: int, pp: int, partition: str = "glm") -> list[int]:
-    """Transformer blocks on each pipeline stage."""
+def stage_layers(layers: int, pp: int, partition: str = "glm") -> list[range]:
+    """Pipeline layer indices of each stage: 0 embedding, 1..layers blocks, then final LayerNorm, head."""
     if pp == 1:
-        return [layers]
+        return [range(0, layers + 3)]
     if partition == "glm":
         from glm_train.train.pipeline import glm_partition
 
@@ -56,7 +120,122 @@ def stage_blocks(layers: int, pp: int, partition: str = "glm") -> list[int]:
         from deepspeed.runtime.utils import partition_uniform
 
         parts = partition_uniform(num_items=layers + 3, num_parts=pp)
-    return [sum(1 for i in range(parts[s], parts[s + 1]) if 1 <= i <= layers) for s in range(pp)]
+    return [range(parts[s], parts[s + 1]) for s in range(pp)]
+
+
+def stage_blocks(layers: int, pp: int, partition: str = "glm") -> list[int]:
+    """Transformer blocks on each pipeline stage."""
+    return [sum(1 for i in r if 1 <= i <= layers) for r in stage_layers(layers, pp, partition)]
+
+
+def _element_bytes(cfg: GLMConfig) -> int:
+    return 4 if cfg.precision == Precision.fp32 else 2
+
+
+def _attention_terms(cfg: GLMConfig, device: str, recompute: bool) -> tuple[float, float, float]:
+    """(A per s*b*h / t, M per b*s*s, S per b*a*s*s / t) of the attention path (module docstring)."""
+    m = cfg.model
+    w = _element_bytes(cfg)
+    drop_mask = w if device == "cpu" else 1
+    impl = AttentionImpl(m.attention_impl)
+    part_a = 1 - SCORED_FRACTION
+    if recompute:  # the split kernel takes Part-A lengths, no [b, 1, s, s] mask
+        return 4 * w, 0 if impl == AttentionImpl.split else 1, 0
+    math_path = device == "cpu" and m.attention_dropout > 0  # CPU's fused SDPA has no dropout
+    if impl == AttentionImpl.split and not math_path:
+        # Causal call: rotated q, k, the QKV output, its output, logsumexp; Part-A call: its output
+        # and logsumexp on the Part-A rows; the rows' concatenation [b, H, s, D], copied for the dense.
+        return 7 * w + part_a * w + (2 - SCORED_FRACTION) * 4 * m.heads / m.hidden, 0, 0
+    if impl == AttentionImpl.split:  # two math-path calls in FP32: q, k, v copies and matrices of each
+        # In fp32 the Part-A slice of v stays a view of the QKV output, which it then keeps whole.
+        v_part_a = 3 * w if w == 4 else 4 * part_a
+        return 12 + 8 * part_a + v_part_a + w, 0, 12 * (1 + part_a**2)
+    if impl == AttentionImpl.sdpa and not math_path:
+        # CPU's kernel lays its output out like q, which 2-D RoPE's cat makes [b, H, s, D]: the dense
+        # input is then a copy. CUDA's allocates [b, s, H, D] whatever q is, and the input a view.
+        copy = w if device == "cpu" and m.position_encoding == PositionEncoding.rope_2d else 0
+        return 6 * w + copy + 4 * m.heads / m.hidden, w, 0
+    if impl == AttentionImpl.sdpa:  # SDPA's math path
+        return 3 * 4 + w, 0, 12
+    scores = 4 + (drop_mask + w if m.attention_dropout > 0 else (w if w == 2 else 0))
+    return 4 * w, 1, scores
+
+
+def activation_bytes_per_layer(cfg: GLMConfig, device: str = "gpu", selective: bool = True) -> float:
+    """Bytes autograd keeps of one block for one micro-batch (module docstring, "activations").
+
+    ``device``: gpu or cpu (dropout masks and SDPA's kernel choice differ); ``selective=False`` ignores
+    ``parallel.selective_recompute`` (what the block holds while its recomputed parts are rebuilt).
+    """
+    m, t = cfg.model, cfg.parallel.tp
+    s, b, h, a, f = m.seq_length, cfg.train.micro_batch, m.hidden, m.heads, m.ffn_size()
+    w = _element_bytes(cfg)
+    parts = set(cfg.parallel.selective_recompute) if selective else set()
+    # LayerNorm mean and rstd [b, s, 1] each: FP32 on CUDA, the input's dtype on CPU (negligible).
+    stats = 2 * 2 * (w if device == "cpu" else 4) / h
+    replicated = 4 * w + 2 * w / a + stats
+    if m.dropout > 0:
+        replicated += 2 * (w if device == "cpu" else 1)
+    attn, mask, scores = _attention_terms(cfg, device, "attention" in parts)
+    mlp = (3 if "geglu" in parts else 4) * f / h * w
+    return s * b * h * (replicated + (attn + mlp) / t) + b * s * s * mask + b * a / t * s * s * scores
+
+
+def backward_working_bytes(cfg: GLMConfig, device: str = "gpu") -> float:
+    """Memory one block's backward pass needs beyond what its micro-batch has stored (docstring, "backward").
+
+    Measured with the CPU profiler on one block: the GeGLU gradients set it unless attention matrices
+    are rebuilt (selective recompute) or kept and their FP32 gradients outgrow the GeGLU memory freed
+    by the time the attention's backward runs.
+    """
+    m, t = cfg.model, cfg.parallel.tp
+    s, b, h, a, f = m.seq_length, cfg.train.micro_batch, m.hidden, m.heads, m.ffn_size()
+    w = _element_bytes(cfg)
+    sbh = s * b * h
+    parts = set(cfg.parallel.selective_recompute)
+    # The block's incoming gradient and the one LN2's output accumulates (the residual branch runs
+    # first), then GeGLU's: its product's and gelu(gate)'s and up's, less the product the dense layer has
+    # freed by then (measured: 2I, not 3I); gelu(gate) rebuilt on top when recomputed.
+    mlp_phase = sbh * w * (2 + (2 + ("geglu" in parts)) * f / (h * t))
+    full_attn, _, full_scores = _attention_terms(cfg, device, recompute=False)
+    kept_attn, _, kept_scores = _attention_terms(cfg, device, "attention" in parts)
+    rebuilt = 0.0
+    if "attention" in parts:  # the dropped tensors come back, plus the rotated and scaled copies of q, k
+        rebuilt = sbh * (full_attn - kept_attn + 2 * w) / t + b * a / t * s * s * (full_scores - kept_scores)
+    score_grads = b * a / t * s * s * (4 + w) if full_scores else 0.0
+    freed = sbh * (2 * w + (3 if "geglu" in parts else 4) * f / h * w / t)  # LN2 input/output, GeGLU
+    attn_phase = rebuilt + score_grads + 2 * sbh * w - freed
+    return max(mlp_phase, attn_phase)
+
+
+def head_bytes(cfg: GLMConfig) -> float:
+    """The last stage's buffers at the loss's backward (docstring, "head"), per micro-batch."""
+    m, t = cfg.model, cfg.parallel.tp
+    sbh = m.seq_length * cfg.train.micro_batch * m.hidden
+    scored = m.seq_length * cfg.train.micro_batch * SCORED_FRACTION
+    return (1 + SCORED_FRACTION) * sbh * _element_bytes(cfg) + scored * (m.vocab_size or 0) / t * LOGIT_BYTES
+
+
+def _stored_per_microbatch(cfg: GLMConfig, device: str, layers: range) -> tuple[float, float, int]:
+    """(bytes a stage keeps per in-flight micro-batch, of which for its blocks, blocks it recomputes at
+    once in backward)."""
+    m, p = cfg.model, cfg.parallel
+    k = p.activation_checkpoint_interval
+    sbh_w = m.seq_length * cfg.train.micro_batch * m.hidden * _element_bytes(cfg)
+    per_layer = activation_bytes_per_layer(cfg, device)
+    stored, chunk = 0.0, 0
+    ids = list(layers)
+    step = k if k > 0 else len(ids)
+    for c in range(0, len(ids), step):
+        blocks = sum(1 for i in ids[c:c + step] if 1 <= i <= m.layers)
+        if k > 0 and blocks == len(ids[c:c + step]):  # a checkpointed chunk: only its input stays
+            stored += sbh_w
+            chunk = max(chunk, blocks)
+        else:
+            stored += blocks * per_layer
+    # The stage's output (the last stage's: the final LayerNorm's), held by DeepSpeed's pipe buffer
+    # until the micro-batch's backward pass is over.
+    return stored + sbh_w, stored, chunk
 
 
 @dataclass
@@ -66,24 +245,45 @@ class StageMemory:
     weights: float
     gradients: float
     optimizer: float
+    """Optimizer state kept between steps."""
     activations: float
+    """Stored activations of the in-flight micro-batches."""
     logits: float
+    """Head buffers at the loss's backward (last stage); 0 elsewhere."""
+    backward: float = 0.0
+    """One block's backward beyond the stored activations, incl. a recomputed chunk."""
+    grads_at_peak: bool = True
+    """Whether the gradients exist when the activations peak (more micro-batches than in flight)."""
+    step: float = 0.0
+    """Buffers of the optimizer step only (the FP32 gradient partition)."""
+    bucket: float = 0.0
+    """One ZeRO reduction bucket (0 without ZeRO)."""
+
+    def _phases(self) -> tuple[float, float]:
+        """(bytes on top of weights and optimizer at the activation peak, at the optimizer step)."""
+        if self.grads_at_peak:  # the previous micro-batch's gradients and bucket are there
+            activation_phase = self.gradients + self.bucket + self.activations + max(self.logits, self.backward)
+        else:  # the first gradient of the step makes the bucket: not yet there at the loss
+            activation_phase = self.activations + max(self.logits, self.backward + self.bucket)
+        # At the step the gradients are the model's own again (P * w, the size of the weights); FP32
+        # sums exist only up to the flush just before it.
+        step_phase = max(self.gradients + self.bucket, self.weights + 2 * self.bucket, self.weights + self.step)
+        return activation_phase, step_phase
+
+    @property
+    def peak(self) -> float:
+        """Allocated bytes at the larger of the activation peak and the optimizer step."""
+        return self.weights + self.optimizer + max(self._phases())
+
+    @property
+    def peak_phase(self) -> str:
+        """Which phase sets the peak: "backward" (activations) or "step" (optimizer step)."""
+        activation_phase, step_phase = self._phases()
+        return "backward" if activation_phase >= step_phase else "step"
 
     @property
     def total(self) -> float:
-        return OVERHEAD * (self.weights + self.gradients + self.optimizer + self.activations + self.logits)
-
-
-def activation_bytes_per_layer(cfg: GLMConfig, device: str = "gpu") -> float:
-    """Stored activations of one block for one micro-batch (module docstring); on CPU, SDPA with a mask
-    runs its math path and keeps the score matrices like the eager kernel."""
-    m, t = cfg.model, cfg.parallel.tp
-    s, b, h = m.seq_length, cfg.train.micro_batch, m.hidden
-    units = 10 + (16 + 8 * m.ffn_size() / h) / t
-    if m.attention_impl == AttentionImpl.eager or device == "cpu":
-        units += 5 * m.heads * s / (h * t)
-    per_elem = 2 if cfg.precision != Precision.fp32 else 4
-    return s * b * h * units * per_elem / 2
+        return OVERHEAD * self.peak
 
 
 def plan(cfg: GLMConfig, world_size: int, device: str = "gpu") -> dict[str, Any]:
@@ -96,39 +296,60 @@ def plan(cfg: GLMConfig, world_size: int, device: str = "gpu") -> dict[str, Any]
     dp = world_size // (tp * pp)
     micro_per_pipe = t.global_batch // (t.micro_batch * dp)
     vocab = m.vocab_size or 0
-    w = 4 if cfg.precision == Precision.fp32 else 2
+    w = _element_bytes(cfg)
     zero = dp if p.zero_stage >= 1 else 1
+    mixed = cfg.precision != Precision.fp32
+    h = m.hidden
+    sbh_w = m.seq_length * t.micro_batch * h * w
+    full_layer = activation_bytes_per_layer(cfg, device, selective=False)
     per_layer = activation_bytes_per_layer(cfg, device)
-    k = p.activation_checkpoint_interval
-    s, b, h = m.seq_length, t.micro_batch, m.hidden
+    working = backward_working_bytes(cfg, device)
     stages = []
+    layer_ranges = stage_layers(m.layers, pp, p.partition)
     for i, blocks in enumerate(stage_blocks(m.layers, pp, p.partition)):
+        last = i == pp - 1
         params = blocks * block_params(m) / tp
-        if i == 0 or i == pp - 1:
+        if i == 0 or last:
             params += vocab * h / tp  # the embedding, and its tied copy for the head on the last stage
-        if i == pp - 1:
+        if last:
             params += 2 * h
-        grads = params * w + (params * 4 if w == 2 and t.grad_accum_fp32 else 0)
-        optim = params * (8 + (4 if w == 2 else 0)) / zero + params * 4 / zero
-        if k > 0:
-            one_mb = blocks * s * b * h * w + min(k, blocks) * per_layer
+        grads = params * (4 if mixed and t.grad_accum_fp32 else w)
+        if p.zero_stage >= 1:
+            optim, step = params * (8 + 4) / zero, params * 4 / zero
+        elif cfg.precision == Precision.bf16:
+            optim, step = params * 16.0, 0.0
+        elif cfg.precision == Precision.fp16:
+            optim, step = params * 12.0, params * 4.0
         else:
-            one_mb = blocks * per_layer
+            optim, step = params * 8.0, 0.0
+        if OptimizerImpl(t.optimizer_impl) == OptimizerImpl.foreach:
+            step += params * 4 / zero  # one FP32 temporary per parameter (measured: sqrt of the 2nd moment)
         inflight = min(pp - i, max(1, micro_per_pipe))
-        # Backward of a materialized softmax: gradients of the scores and probabilities, FP32, one layer
-        # at a time, on top of what is stored.
-        if m.attention_impl == AttentionImpl.eager or device == "cpu":
-            one_mb += 2 * 4 * b * (m.heads / tp) * s * s / inflight
-        logits = b * s * SCORED_FRACTION * vocab / tp * 10 if i == pp - 1 else 0.0
-        stages.append(StageMemory(i, params, params * w, grads, optim, one_mb * inflight, logits))
+        stored, in_blocks, chunk = _stored_per_microbatch(cfg, device, layer_ranges[i])
+        grads_live = micro_per_pipe > inflight
+        # A recomputed chunk's output stays alive while its backward runs (it is what backward starts from).
+        backward = working + (chunk * per_layer + sbh_w if chunk else 0.0)
+        if not grads_live and blocks:
+            # The first backward of the step makes the gradients block by block while it frees that
+            # micro-batch's activations: where a block's gradient outweighs what it frees (recomputation
+            # keeps little), memory grows until the last block.
+            block_grad = block_params(m) / tp * (4 if mixed and t.grad_accum_fp32 else w)
+            backward += max(0.0, (blocks - 1) * (block_grad - in_blocks / blocks))
+            if last:
+                backward += vocab * h / tp * w  # the tied head's gradient, made by the loss's backward
+        logits = head_bytes(cfg) if last else 0.0
+        stages.append(StageMemory(i, params, params * w, grads, optim, stored * inflight, logits, backward,
+                                  grads_live, step, ZERO_BUCKET_ELEMENTS * w if p.zero_stage >= 1 else 0.0))
     worst = max(stages, key=lambda st: st.total)
     tokens = t.global_batch * m.seq_length
     flops = tokens * model_flops_per_token(m, m.seq_length, SCORED_FRACTION)
     bubble = (pp - 1) / (micro_per_pipe + pp - 1)
     return {"dp": dp, "micro_batches_per_pipeline": micro_per_pipe, "bubble": bubble, "stages": stages,
-            "worst": worst, "model_flops_per_step": flops, "tokens_per_step": tokens}
+            "worst": worst, "model_flops_per_step": flops, "tokens_per_step": tokens,
+            "activations_per_layer": per_layer, "activations_per_layer_full": full_layer}
 
 
 def step_time(result: dict[str, Any], world_size: int, peak_tflops: float, mfu: float) -> float:
     """Seconds per step if every GPU sustains ``mfu`` of ``peak_tflops`` (the bubble is inside MFU)."""
     return result["model_flops_per_step"] / (world_size * peak_tflops * 1e12 * mfu)
+
