@@ -39,6 +39,10 @@ activations  what autograd keeps of one block for one micro-batch (activation_by
                              M = w (the bool mask turned additive); S = 0. CUDA's
                              memory-efficient kernel (the one that takes a mask) and CPU's flash kernel
                              keep the same set; on CPU with 2-D RoPE the dense input is a copy: + w
+               SDPA and split on CPU in bf16/fp16 (no attention dropout): run in FP32 (faster there):
+                             A = 16 (FP32 q, k, v copies and output) + w (the cast back, the dense
+                             input) + 4a/h, M = 4 (the additive mask in FP32); split: A = 16 + 4 (1 - f)
+                             + w + (2 - f) 4a/h, M = 0
                SDPA on CPU with attention dropout: the math path in FP32: A = 12 + w (FP32 q, k, v, the
                              context copy), M = 0, S = 12 (FP32 softmax, dropout noise, dropped probs)
                eager         A = 4w (scaled q, rotated k, contiguous v, context copy); M = 1 (~mask);
@@ -142,6 +146,14 @@ def _attention_terms(cfg: GLMConfig, device: str, recompute: bool) -> tuple[floa
     if recompute:  # the split kernel takes Part-A lengths, no [b, 1, s, s] mask
         return 4 * w, 0 if impl == AttentionImpl.split else 1, 0
     math_path = device == "cpu" and m.attention_dropout > 0  # CPU's fused SDPA has no dropout
+    lse = 4 * m.heads / m.hidden  # the kernel's FP32 logsumexp [b, H, s]
+    if device == "cpu" and w == 2 and impl != AttentionImpl.eager and not math_path:
+        # CPU runs half-precision attention in FP32 (model/attention.py): the kernel keeps FP32 copies
+        # of q, k, v and its FP32 output (split: plus the Part-A call's), the dense layer the cast back.
+        # The rotated half-precision q, k and the QKV output are not kept; SDPA's additive mask is FP32.
+        if impl == AttentionImpl.split:
+            return 16 + 4 * part_a + w + (2 - SCORED_FRACTION) * lse, 0, 0
+        return 16 + w + lse, 4, 0
     if impl == AttentionImpl.split and not math_path:
         # Causal call: rotated q, k, the QKV output, its output, logsumexp; Part-A call: its output
         # and logsumexp on the Part-A rows; the rows' concatenation [b, H, s, D], copied for the dense.
