@@ -159,7 +159,7 @@ def build_ours(precision: str, layers: int = LAYERS, hidden: int = HIDDEN, heads
                selective: tuple[str, ...] = ()):  # noqa: ANN201
     """glm_train's DeepSpeed engine for a GLM of this shape (tp=pp=dp=1, ZeRO-1, no dropout)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from glm_train.config import GLMConfig, Precision, validate
+    from glm_train.config import GLMConfig, OptimizerImpl, Precision, validate
     from glm_train.env import setup_environment
     from glm_train.train.engine import build_engine
 
@@ -172,6 +172,7 @@ def build_ours(precision: str, layers: int = LAYERS, hidden: int = HIDDEN, heads
     cfg.precision = Precision(precision)
     cfg.parallel.zero_stage = zero_stage
     cfg.train.compile = compile
+    cfg.train.optimizer_impl = OptimizerImpl.fused
     cfg.parallel.selective_recompute = list(selective)
     validate(cfg, check_paths=False)
     engine, _ = build_engine(cfg, "gloo")

@@ -109,6 +109,7 @@ class ObjectiveConfig:
 
 
 class OptimizerImpl(str, enum.Enum):
+    auto = "auto"  # torch's own choice: foreach on CUDA, the per-parameter loop on CPU
     fused = "fused"  # torch's fused AdamW kernel (CPU and GPU)
     foreach = "foreach"  # multi-tensor ops over all parameters at once
     for_loop = "for_loop"  # one parameter at a time (torch's reference implementation)
@@ -205,9 +206,12 @@ class TrainConfig:
     function of consumed samples instead of steps (warmup_iters/decay_iters are then ignored)."""
     decay_samples: int | None = None
     """Samples of cosine decay after warm-up (samples schedule); None means until the run's last sample."""
-    optimizer_impl: OptimizerImpl = OptimizerImpl.fused
-    """AdamW kernel: fused (one kernel pass over every parameter), foreach or for_loop. The three agree
-    to rounding; fused is the fastest on CPU and GPU."""
+    optimizer_impl: OptimizerImpl = OptimizerImpl.auto
+    """AdamW kernel: auto (torch's default: foreach on CUDA, for_loop on CPU), fused (one kernel pass
+    over every parameter: 7x faster than for_loop on CPU), foreach or for_loop. They agree to rounding.
+    Not fused by default yet: in the first CI run with it as the default, one stop-and-resume test
+    differed by one ulp of the loss at the second resumed step (not reproduced locally; cause not
+    established)."""
     compile: bool = False
     """torch.compile every transformer block (inductor; on CPU it needs a C++ compiler). The first step
     pays the compilation (tens of seconds); later steps fuse the element-wise work (RoPE, GeGLU,

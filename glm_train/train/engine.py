@@ -78,7 +78,8 @@ def build_engine(cfg: GLMConfig, backend: str) -> tuple[deepspeed.PipelineEngine
     impl = OptimizerImpl(t.optimizer_impl)
     optimizer = torch.optim.AdamW(param_groups(module, t.weight_decay), lr=t.lr,
                                   betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                                  fused=impl == OptimizerImpl.fused, foreach=impl == OptimizerImpl.foreach)
+                                  fused=True if impl == OptimizerImpl.fused else None,
+                                  foreach={OptimizerImpl.foreach: True, OptimizerImpl.for_loop: False}.get(impl))
     if cfg.precision == Precision.fp16:
         _allow_cpu_fp16()
     # No DeepSpeed LR scheduler: the trainer sets the LR before each step from (step, consumed samples),
