@@ -209,9 +209,9 @@ class TrainConfig:
     optimizer_impl: OptimizerImpl = OptimizerImpl.auto
     """AdamW kernel: auto (torch's default: foreach on CUDA, for_loop on CPU), fused (one kernel pass
     over every parameter: 7x faster than for_loop on CPU), foreach or for_loop. They agree to rounding.
-    Not fused by default yet: in the first CI run with it as the default, one stop-and-resume test
-    differed by one ulp of the loss at the second resumed step (not reproduced locally; cause not
-    established)."""
+    Not fused by default: torch 2.13's fused CPU kernel is not bitwise reproducible here. The ramp-up
+    stop-and-resume run (tests/test_stability.py) with fused differed from the uninterrupted one by
+    one ulp of the loss in 1 of 4 repetitions (and once in CI), which breaks exact resumes."""
     compile: bool = False
     """torch.compile every transformer block (inductor; on CPU it needs a C++ compiler). The first step
     pays the compilation (tens of seconds); later steps fuse the element-wise work (RoPE, GeGLU,
