@@ -247,11 +247,16 @@ def expected_doc_counts() -> dict[str, int]:
 
 def write_jsonl(path: Path, docs: Sequence[str]) -> Path:
     """Write one ``{"text": ...}`` object per line (written under a temporary name, then renamed)."""
+    return write_records_jsonl(path, [{"text": d} for d in docs])
+
+
+def write_records_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> Path:
+    """Write one JSON object per line, under a temporary name then renamed (never a partial file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
-        for d in docs:
-            f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
     return path
 

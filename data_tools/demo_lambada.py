@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from data_tools.demo_corpus import write_records_jsonl
+
 EN_PASSAGE_CHARS = 400
 EN_ITEMS = 300
 ZH_CONTEXT_CHARS = 150
@@ -138,14 +140,6 @@ def build_tasks(en_docs: Sequence[str], zh_docs: Sequence[str]) -> dict[str, lis
             "choice_zh": multiple_choice(zh)}
 
 
-def _write_jsonl(path: Path, items: Sequence[dict[str, Any]]) -> None:
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for it in items:
-            f.write(json.dumps(it, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def build_demo_lambada(out_dir: str | Path = "data/demo", force: bool = False,
                        fetch: bool = True) -> dict[str, Any]:
     """Write the task files under ``<out_dir>/eval/`` (skipped when its manifest is current)."""
@@ -166,7 +160,7 @@ def build_demo_lambada(out_dir: str | Path = "data/demo", force: bool = False,
     tasks = build_tasks(docs["en_val"], docs["zh_val"])
     dest.mkdir(parents=True, exist_ok=True)
     for name, items in tasks.items():
-        _write_jsonl(dest / f"{name}.jsonl", items)
+        write_records_jsonl(dest / f"{name}.jsonl", items)
     manifest = {"version": _VERSION, "source": "validation chapters of data_tools/demo_corpus.py",
                 "counts": {k: len(v) for k, v in tasks.items()},
                 "rules": {"en_passage_chars": EN_PASSAGE_CHARS, "en_items": EN_ITEMS,

@@ -36,6 +36,7 @@ from data_tools.demo_corpus import (
     fetch_sources,
     load_bible_verses,
     load_sanguo_chapters,
+    write_records_jsonl,
 )
 from data_tools.mip import build_mip
 from glm_train.data.mip import MIPDataset
@@ -186,14 +187,6 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _write_jsonl(path: Path, records: Sequence[dict[str, str]]) -> None:
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def _sources_ok(src_dir: Path, seed: int) -> bool:
     try:
         manifest = json.loads((src_dir / "manifest.json").read_text(encoding="utf-8"))
@@ -245,7 +238,7 @@ def build_demo_mip(out_dir: Path, cache_dir: Path, tokenizer_path: Path, seed: i
         bible, sanguo = fetch_sources(cache_dir)
         records = demo_records(load_bible_verses(bible), load_sanguo_chapters(sanguo), seed)
         for name, recs in records.items():
-            _write_jsonl(src_dir / f"{name}.jsonl", recs)
+            write_records_jsonl(src_dir / f"{name}.jsonl", recs)
             _log(f"wrote {src_dir / name}.jsonl: {len(recs)} records")
         manifest = {"version": _MANIFEST_VERSION, "seed": seed, "sizes": TASK_SIZES,
                     "files": {name: _sha256(src_dir / f"{name}.jsonl") for name in TASK_SIZES}}
