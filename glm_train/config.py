@@ -264,6 +264,12 @@ class ParallelConfig:
     """Pipeline-parallel size."""
     zero_stage: int = 1
     """ZeRO stage (0 or 1; 2/3 are refused by DeepSpeed's pipeline engine)."""
+    zero_bucket_elements: int | None = None
+    """Elements of one ZeRO gradient-reduction bucket (DeepSpeed's reduce_bucket_size). None: DeepSpeed's
+    5e8, capped at this rank's parameter count. DeepSpeed allocates its buckets at full size every step
+    (two at a time), so the uncapped default costs a 30M-parameter model 2 x 5e8 elements; a bucket
+    that holds every gradient reduces them in one piece either way. Smaller buckets start reductions
+    earlier on GPUs at the price of more, smaller messages."""
     activation_checkpoint_interval: int = 0
     """Recompute every this many transformer layers; 0 disables."""
     selective_recompute: list[str] = field(default_factory=list)
@@ -588,6 +594,8 @@ def validate(cfg: GLMConfig, check_paths: bool = True) -> None:
     _require(not p.sequence_parallel, "parallel.sequence_parallel", "allowed value is false (not implemented yet)")
     _require(p.zero_stage in (0, 1), "parallel.zero_stage",
              f"allowed values are 0 or 1 (DeepSpeed refuses ZeRO-2/3 with pipelines), got {p.zero_stage}")
+    _require(p.zero_bucket_elements is None or p.zero_bucket_elements > 0, "parallel.zero_bucket_elements",
+             f"must be a positive element count or null, got {p.zero_bucket_elements}")
     _require(t.global_batch % t.micro_batch == 0, "train.global_batch",
              f"must be a multiple of train.micro_batch={t.micro_batch}, got {t.global_batch}")
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -115,3 +115,14 @@ def test_guard_rollback_pp2_matches_one_process(tiny_data, tmp_path):
     _compare([r for r in ref if "guard_event" not in r], [r for r in got if "guard_event" not in r], RTOL)
     assert json.loads((tmp_path / "pp2" / "skipped_samples.json").read_text()) == \
         json.loads((tmp_path / "ref" / "skipped_samples.json").read_text())
+
+
+def test_zero_bucket_size_changes_no_result(tiny_data, tmp_path):
+    """ZeRO-1 at dp=2 in bf16: the default bucket (capped at the rank's parameters: one bucket) against
+    buckets far smaller than one layer (many reductions, the embedding on its own): the same sums of
+    the same two gradients, so bitwise the same losses and norms."""
+    capped = _launch(tiny_data, tmp_path / "capped", 2, "precision=bf16")
+    small = _launch(tiny_data, tmp_path / "small", 2, "precision=bf16", "parallel.zero_bucket_elements=3000")
+    keys = ("step", "loss", "grad_norm", "val_loss_en", "val_loss_zh")
+    assert [[r.get(k) for k in keys] for r in capped] == [[r.get(k) for k in keys] for r in small]
+    assert len([r for r in capped if "loss" in r]) == 5

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from glm_train.config import GLMConfig, ModelConfig, Precision, load_config
+from glm_train.config import ConfigError, GLMConfig, ModelConfig, Precision, load_config
 from glm_train.train.plan import GIB, activation_bytes_per_layer, block_params, plan, stage_blocks
 from tests.conftest import REPO
 
@@ -115,6 +115,25 @@ def test_single_gpu_static_memory_is_exact():
     assert r["bubble"] == 0
     cfg.parallel.zero_stage = 0  # fp32 without ZeRO: DeepSpeed steps torch's AdamW on the model itself
     assert plan(cfg, 1)["worst"].optimizer == params * 8
+
+
+def test_zero_bucket_is_capped_at_the_rank_parameters():
+    """The engine's reduce_bucket_size and the plan's bucket: min(5e8, local parameters), or the key."""
+    from glm_train.train.engine import deepspeed_config
+
+    cfg = GLMConfig()
+    cfg.model = ModelConfig(layers=4, hidden=128, heads=4, vocab_size=1024)
+    cfg.train.micro_batch = cfg.train.global_batch = 2
+    cfg.precision = Precision.bf16
+    st = plan(cfg, 1)["worst"]
+    assert st.bucket == st.params * 2  # bf16: one bucket holding every gradient
+    assert deepspeed_config(cfg, 1_234_567)["zero_optimization"]["reduce_bucket_size"] == 1_234_567
+    assert deepspeed_config(cfg, 10**10)["zero_optimization"]["reduce_bucket_size"] == 500_000_000
+    cfg.parallel.zero_bucket_elements = 3000
+    assert deepspeed_config(cfg, 1_234_567)["zero_optimization"]["reduce_bucket_size"] == 3000
+    assert plan(cfg, 1)["worst"].bucket == 3000 * 2
+    with pytest.raises(ConfigError, match="parallel.zero_bucket_elements"):
+        load_config(["parallel.zero_bucket_elements=0"], check_paths=False)
 
 
 @pytest.mark.parametrize("interval,fits", [(1, True), (0, False)])

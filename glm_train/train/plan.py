@@ -18,11 +18,12 @@ step         + P * 4 / Z                ... and, during the step only, the FP32 
                                         the FP32 gradients in the step (P * 4) (read, not measured).
                                         train.optimizer_impl=foreach adds P * 4 / Z to the step (an FP32
                                         temporary of every parameter); fused (default) adds nothing
-ZeRO buckets R * w                      ZeRO-1's reduction bucket of R = 5e8 elements (DeepSpeed's
-                                        reduce_bucket_size default, which the engine keeps), made at a
-                                        micro-batch's first gradient whatever the model's size, and a
-                                        second one when the step's reduction starts (2 R w, 1.9 GiB in
-                                        bf16/fp16); both freed before the FP32 partition is made
+ZeRO buckets R * w                      ZeRO-1's reduction bucket of R = min(5e8, P) elements (the
+                                        engine caps DeepSpeed's reduce_bucket_size default at the
+                                        stage's parameters) or parallel.zero_bucket_elements, made at a
+                                        micro-batch's first gradient, and a second one when the step's
+                                        reduction starts (2 R w); both freed before the FP32 partition
+                                        is made
 activations  what autograd keeps of one block for one micro-batch (activation_bytes_per_layer), per
              s*b*h element unless marked, checked tensor by tensor in tests/test_plan.py:
                4w                       block input (LN1's), LN1 output (QKV input and residual), LN2
@@ -104,7 +105,22 @@ SCORED_FRACTION = 0.5
 LOGIT_BYTES = 12
 """Bytes per scored logit at the loss's backward: three FP32 [tokens, V/t] tensors (see the docstring)."""
 ZERO_BUCKET_ELEMENTS = 500_000_000
-"""DeepSpeed's default zero_optimization.reduce_bucket_size (glm_train/train/engine.py leaves it)."""
+"""DeepSpeed's default zero_optimization.reduce_bucket_size: the engine's cap on one ZeRO bucket."""
+
+
+def zero_bucket_elements(local_params: float, configured: int | None = None) -> int:
+    """Elements of one ZeRO reduction bucket for a rank holding ``local_params`` parameters:
+    ``configured`` (parallel.zero_bucket_elements) if set.
+
+    DeepSpeed allocates its buckets at full size every step, however few gradients they will hold: at
+    its default, 2 x 5e8 elements (4 GB in FP32) for a 30M-parameter model, mapped and page-faulted in
+    again each step on CPU and held by CUDA's caching allocator on a GPU. A bucket that holds every
+    local gradient reduces them in one piece, as the default does for such a model, so capping it
+    there changes no result (glm_train/train/engine.py sets it).
+    """
+    if configured is not None:
+        return configured
+    return max(1, min(ZERO_BUCKET_ELEMENTS, int(local_params)))
 
 
 def block_params(m: ModelConfig) -> int:
@@ -351,7 +367,7 @@ def plan(cfg: GLMConfig, world_size: int, device: str = "gpu") -> dict[str, Any]
                 backward += vocab * h / tp * w  # the tied head's gradient, made by the loss's backward
         logits = head_bytes(cfg) if last else 0.0
         stages.append(StageMemory(i, params, params * w, grads, optim, stored * inflight, logits, backward,
-                                  grads_live, step, ZERO_BUCKET_ELEMENTS * w if p.zero_stage >= 1 else 0.0))
+                                  grads_live, step, zero_bucket_elements(params, p.zero_bucket_elements) * w if p.zero_stage >= 1 else 0.0))
     worst = max(stages, key=lambda st: st.total)
     tokens = t.global_batch * m.seq_length
     flops = tokens * model_flops_per_token(m, m.seq_length, SCORED_FRACTION)
