@@ -15,7 +15,7 @@ from glm_train.parallel.random import TP_RANDOM
 from glm_train.parallel.topology import ParallelState
 from glm_train.train.grad_accum import install_fp32_grad_accumulation
 from glm_train.train.pipeline import BlockPipe, glm_pipeline
-from glm_train.train.plan import ZERO_BUCKET_ELEMENTS, zero_bucket_elements
+from glm_train.train.plan import zero_bucket_elements
 
 
 def data_parallel_size(cfg: GLMConfig) -> int:
@@ -26,7 +26,7 @@ def _owns_clipping(cfg: GLMConfig) -> bool:
     return cfg.parallel.zero_stage == 0 and cfg.precision == Precision.fp32
 
 
-def deepspeed_config(cfg: GLMConfig, local_params: int | None = None) -> dict[str, Any]:
+def deepspeed_config(cfg: GLMConfig, local_params: int) -> dict[str, Any]:
     """DeepSpeed's config dict; ``local_params`` (this rank's parameter count) sizes ZeRO's buckets."""
     t = cfg.train
     dp = data_parallel_size(cfg)
@@ -37,8 +37,8 @@ def deepspeed_config(cfg: GLMConfig, local_params: int | None = None) -> dict[st
         # fp32 without ZeRO uses our own clipping, which DeepSpeed only calls when clipping is on: a
         # huge threshold keeps it called (the spike guard needs every step's norm) without clipping.
         "gradient_clipping": t.clip_grad if t.clip_grad > 0 or not _owns_clipping(cfg) else 1e30,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage, "reduce_bucket_size": zero_bucket_elements(
-            ZERO_BUCKET_ELEMENTS if local_params is None else local_params, cfg.parallel.zero_bucket_elements)},
+        "zero_optimization": {"stage": cfg.parallel.zero_stage,
+                              "reduce_bucket_size": zero_bucket_elements(local_params, cfg.parallel.zero_bucket_elements)},
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": cfg.precision == Precision.bf16},
         # Not DeepSpeed's own FP32 accumulation (wrong under pp > 1): train/grad_accum.py does it.
