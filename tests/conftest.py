@@ -56,3 +56,31 @@ def data_overrides(d: dict[str, str]) -> list[str]:
     base = d["dir"]
     return [f"data.tokenizer={d['tokenizer']}", f"data.sources=[{{path:{base}/en_train}},{{path:{base}/zh_train}}]",
             f"data.valid={{en:{base}/en_val,zh:{base}/zh_val}}"]
+
+
+# Two training processes with the same config agree bitwise on this machine, except that rarely (3 of
+# about 500 processes measured) one step's gradient or norm lands one float32 ulp away and the run
+# carries on within ~1e-7 of the other; an uninterrupted fresh run showed it too, so it is not a resume
+# effect (docs/reproducibility.md). Real resume faults (an RNG stream, the data position, the optimizer
+# state or LR off) move a loss by 1e-3 or more, far outside this bound.
+ULP_DRIFT_RTOL = 1e-6
+
+
+def assert_same_curve(a: list[dict], b: list[dict], keys: tuple[str, ...] = ("loss", "grad_norm")) -> None:
+    """Per-step ``keys`` of two runs: equal, bitwise or within ``ULP_DRIFT_RTOL``; warns if not bitwise."""
+    import math
+    import warnings
+
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    off = []
+    for ra, rb in zip(a, b, strict=True):
+        for k in keys:
+            x, y = ra.get(k), rb.get(k)
+            if x == y:
+                continue
+            assert x is not None and y is not None and math.isclose(x, y, rel_tol=ULP_DRIFT_RTOL, abs_tol=0.0), \
+                (ra["step"], k, x, y)
+            off.append((ra["step"], k, x, y))
+    if off:
+        warnings.warn(f"curves equal within {ULP_DRIFT_RTOL:g} but not bitwise at {len(off)} entries: {off[:4]}",
+                      stacklevel=2)

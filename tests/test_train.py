@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, data_overrides
+from tests.conftest import REPO, assert_same_curve, data_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -70,8 +70,7 @@ def test_stop_and_resume_gives_identical_losses(tiny_data, full_run, tmp_path):
     assert "resumed from step 10" in second.stdout + second.stderr
     a, b = _steps(full_run), _steps(run_dir)
     assert [r["step"] for r in b] == list(range(1, 21))
-    assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bitwise, dropout included
-    assert [r["grad_norm"] for r in a] == [r["grad_norm"] for r in b]
+    assert_same_curve(a, b)  # bitwise, dropout included (see its ulp note)
     assert [r["lr"] for r in a] == [r["lr"] for r in b]
 
 
