@@ -12,7 +12,7 @@ from glm_train.model import GLMModel
 from glm_train.model.deepnorm import deepnorm_constants
 from glm_train.model.embedding import shrink_gradient
 from glm_train.model.mask import prefix_lm_mask
-from glm_train.model.rope import apply_rope, rope_cos_sin
+from glm_train.model.rope import apply_rope, apply_rope_any, rope_cos_sin, rope_tables, rotary_qkv
 
 V = 256
 
@@ -90,6 +90,30 @@ def test_rope_matches_complex_rotation_reference():
     theta = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
     z = torch.complex(x[: d // 2], x[d // 2:]) * torch.exp(1j * p * theta)
     torch.testing.assert_close(got, torch.cat([z.real, z.imag]).float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("two_d", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rotary_qkv_matches_the_plain_formula(two_d, dtype):
+    """The attention's fused RoPE against apply_rope_any on q, k and the untouched v: values, and
+    the projection's gradient, also when one of the three outputs gets no gradient."""
+    b, s, h, d = 2, 12, 3, 16
+    positions = torch.randint(0, 50, (b, 2, s) if two_d else (b, s))
+    cos, sin = rope_tables(positions, d, 1e4, two_d, dtype)
+    qkv = torch.randn(b, s, 3, h, d, dtype=dtype, requires_grad=True)
+    weights = [torch.randn(b, h, s, d, dtype=dtype) for _ in range(3)]
+    for used in ((0, 1, 2), (0, 2), (1,)):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        ref = [apply_rope_any(q, cos, sin, two_d), apply_rope_any(k, cos, sin, two_d), v]
+        got = rotary_qkv(qkv, cos, sin, two_d)
+        # bf16: the plain formula rounds each product, the fused one only the sum (a few bf16 ulps).
+        tol = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2**-7, "atol": 2**-5}
+        for r, g in zip(ref, got, strict=True):
+            assert g.shape == r.shape == (b, h, s, d)
+            torch.testing.assert_close(g, r, **tol)
+        grads = [torch.autograd.grad(sum((out[i] * weights[i]).sum() for i in used), qkv)[0]
+                 for out in (ref, got)]
+        torch.testing.assert_close(grads[1], grads[0], **tol)
 
 
 @pytest.mark.parametrize("variant", ["glm130b", "deepnet"])

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from glm_train.config import AttentionImpl, ModelConfig, PositionEncoding
-from glm_train.model.rope import apply_rope_any
+from glm_train.model.rope import rotary_qkv
 from glm_train.parallel.layers import ColumnParallelLinear, RowParallelLinear, xavier_normal_init
 from glm_train.parallel.random import TP_RANDOM
 from glm_train.parallel.state import tp_world_size
@@ -84,21 +84,20 @@ class SelfAttention(nn.Module):
         this call's S new ones are appended. Or, for the split kernel, the Part-A lengths [B]
         (:func:`glm_train.model.mask.attention_mask`)."""
         b, s, _ = x.shape
-        q, k, v = self.qkv(x).view(b, s, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x [B,H,S,D]
+        qkv = self.qkv(x).view(b, s, 3, self.heads, self.head_dim)
         if cache is None and self.recompute and torch.is_grad_enabled():
-            # Selective recomputation: keep q, k, v (views of one projection output) and rebuild the
-            # rotated copies, the kernel's saved state and (eager path) the S x S scores in backward.
+            # Selective recomputation: keep the projection output and rebuild the rotated q, k, the
+            # copy of v, the kernel's saved state and (eager path) the S x S scores in backward.
             # The default RNG stream is restored for the replay, so TP_RANDOM replays the dropout.
-            ctx = checkpoint(self._core, q, k, v, cos, sin, mask, None, use_reentrant=False)
+            ctx = checkpoint(self._core, qkv, cos, sin, mask, None, use_reentrant=False)
         else:
-            ctx = self._core(q, k, v, cos, sin, mask, cache)
+            ctx = self._core(qkv, cos, sin, mask, cache)
         return self.dense(ctx.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
 
-    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-              mask: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        """RoPE and the attention kernel: [B,H,S,D] q, k, v to the context [B,H,S,D]."""
-        q = apply_rope_any(q, cos, sin, self.two_d)
-        k = apply_rope_any(k, cos, sin, self.two_d)
+    def _core(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+              cache: KVCache | None) -> torch.Tensor:
+        """RoPE and the attention kernel: the projection [B,S,3,H,D] to the context [B,H,S,D]."""
+        q, k, v = rotary_qkv(qkv, cos, sin, self.two_d)
         if cache is not None:
             k, v = cache.update(self.layer_number, k, v)
         p = self.attention_dropout if self.training else 0.0

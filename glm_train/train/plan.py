@@ -35,11 +35,11 @@ activations  what autograd keeps of one block for one micro-batch (activation_by
                + M * b*s*s              the [b, 1, s, s] mask, replicated over heads and TP ranks
                + S * b*a*s*s / t        attention matrices, for kernels that keep them
              with A, M, S by attention path:
-               SDPA (fused)  A = 6w (rotated q, k; the QKV output, v being a view of it; the kernel
-                             output, of which the dense input is a view) + 4a/h (FP32 logsumexp);
-                             M = w (the bool mask turned additive); S = 0. CUDA's
-                             memory-efficient kernel (the one that takes a mask) and CPU's flash kernel
-                             keep the same set; on CPU with 2-D RoPE the dense input is a copy: + w
+               SDPA (fused)  A = 4w (rotated q, k and v's copy, made by rotary_qkv, which lets the
+                             QKV output go; the kernel output, of which the dense input is a view) +
+                             4a/h (FP32 logsumexp); M = w (the bool mask turned additive); S = 0.
+                             CUDA's memory-efficient kernel (the one that takes a mask) and CPU's
+                             flash kernel keep the same set
                SDPA and split on CPU in bf16/fp16 (no attention dropout): run in FP32 (faster there):
                              A = 16 (FP32 q, k, v copies and output) + w (the cast back, the dense
                              input) + 4a/h, M = 4 (the additive mask in FP32); split: A = 16 + 4 (1 - f)
@@ -49,14 +49,14 @@ activations  what autograd keeps of one block for one micro-batch (activation_by
                eager         A = 4w (scaled q, rotated k, contiguous v, context copy); M = 1 (~mask);
                              S = 4 (FP32 softmax) + w (its bf16/fp16 cast, 0 in fp32) without attention
                              dropout, 4 + d + w (softmax, mask, dropped probs) with it
-               split         (two mask-free SDPA calls, causal and Part A) A = 7w (rotated q, k; QKV
-                             output; causal output; the concatenated rows' copy for the dense) +
+               split         (two mask-free SDPA calls, causal and Part A) A = 5w (rotated q, k; v's
+                             copy; causal output; the concatenated rows' copy for the dense) +
                              (1 - f) w (Part-A output) + (2 - f) 4a/h (logsumexps), M = 0, S = 0;
                              on CPU with attention dropout two FP32 math-path calls: A = 12 + 12 (1 - f)
-                             + w (fp32: 12 + 8 (1 - f) + 4w, a Part-A view of v keeping the QKV output),
+                             + w (fp32: 12 + 8 (1 - f) + 2w, a Part-A view of v keeping v's copy),
                              S = 12 (1 + (1 - f)^2), taking sum(Part A^2) ~ b (1 - f)^2 s^2
              parallel.selective_recompute drops, per block:
-               attention     A = 4w (the QKV output: q, k, v are the checkpoint's inputs; the context),
+               attention     A = 4w (the QKV output, the checkpoint's input; the context),
                              M = 1 (the bool mask input; 0 for split), S = 0, whatever the kernel
                geglu         gelu(gate): 4I w / h becomes 3I w / h
              in-flight: 1F1B keeps min(pp - stage, m) micro-batches on a stage (m micro-batches per
@@ -96,7 +96,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from glm_train.config import AttentionImpl, GLMConfig, ModelConfig, OptimizerImpl, PositionEncoding, Precision
+from glm_train.config import AttentionImpl, GLMConfig, ModelConfig, OptimizerImpl, Precision
 from glm_train.train.flops import model_flops_per_token
 
 GIB = 1024**3
@@ -171,18 +171,18 @@ def _attention_terms(cfg: GLMConfig, device: str, recompute: bool) -> tuple[floa
             return 16 + 4 * part_a + w + (2 - SCORED_FRACTION) * lse, 0, 0
         return 16 + w + lse, 4, 0
     if impl == AttentionImpl.split and not math_path:
-        # Causal call: rotated q, k, the QKV output, its output, logsumexp; Part-A call: its output
-        # and logsumexp on the Part-A rows; the rows' concatenation [b, H, s, D], copied for the dense.
-        return 7 * w + part_a * w + (2 - SCORED_FRACTION) * 4 * m.heads / m.hidden, 0, 0
+        # Causal call: rotated q, k, the copy of v (model/rope.py: rotary_qkv), its output, logsumexp;
+        # Part-A call: its output and logsumexp on the Part-A rows; the rows' concatenation
+        # [b, H, s, D], copied for the dense.
+        return 5 * w + part_a * w + (2 - SCORED_FRACTION) * 4 * m.heads / m.hidden, 0, 0
     if impl == AttentionImpl.split:  # two math-path calls in FP32: q, k, v copies and matrices of each
-        # In fp32 the Part-A slice of v stays a view of the QKV output, which it then keeps whole.
-        v_part_a = 3 * w if w == 4 else 4 * part_a
+        # In fp32 the Part-A slice of v stays a view of v's copy, which it then keeps whole.
+        v_part_a = w if w == 4 else 4 * part_a
         return 12 + 8 * part_a + v_part_a + w, 0, 12 * (1 + part_a**2)
     if impl == AttentionImpl.sdpa and not math_path:
-        # CPU's kernel lays its output out like q, which 2-D RoPE's cat makes [b, H, s, D]: the dense
-        # input is then a copy. CUDA's allocates [b, s, H, D] whatever q is, and the input a view.
-        copy = w if device == "cpu" and m.position_encoding == PositionEncoding.rope_2d else 0
-        return 6 * w + copy + 4 * m.heads / m.hidden, w, 0
+        # q, k, v: rotary_qkv's [b, s, H, D] tensors; the output is laid out like q (CPU) or
+        # [b, s, H, D] anyway (CUDA), so the dense input is a view of it.
+        return 4 * w + 4 * m.heads / m.hidden, w, 0
     if impl == AttentionImpl.sdpa:  # SDPA's math path
         return 3 * 4 + w, 0, 12
     scores = 4 + (drop_mask + w if m.attention_dropout > 0 else (w if w == 2 else 0))
