@@ -211,7 +211,9 @@ class TrainConfig:
     over every parameter: 7x faster than for_loop on CPU), foreach or for_loop. They agree to rounding.
     Not fused by default: torch 2.13's fused CPU kernel is not bitwise reproducible here. The ramp-up
     stop-and-resume run (tests/test_stability.py) with fused differed from the uninterrupted one by
-    one ulp of the loss in 1 of 4 repetitions (and once in CI), which breaks exact resumes."""
+    one ulp of the loss in 1 of 4 repetitions (and once in CI). The same one-ulp drift was later seen
+    with the default loop too, fresh uninterrupted runs included (docs/reproducibility.md), so fused
+    may well not be its cause; the default stays until that is settled."""
     compile: bool = False
     """torch.compile every transformer block (inductor; on CPU it needs a C++ compiler). The first step
     pays the compilation (tens of seconds); later steps fuse the element-wise work (RoPE, GeGLU,
