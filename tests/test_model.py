@@ -12,6 +12,7 @@ from glm_train.model import GLMModel
 from glm_train.model.deepnorm import deepnorm_constants
 from glm_train.model.embedding import shrink_gradient
 from glm_train.model.mask import prefix_lm_mask
+from glm_train.model.mlp import geglu, geglu_plain
 from glm_train.model.rope import apply_rope, apply_rope_any, rope_cos_sin, rope_tables, rotary_qkv
 
 V = 256
@@ -114,6 +115,23 @@ def test_fused_rotary_qkv_matches_the_plain_formula(two_d, dtype):
         grads = [torch.autograd.grad(sum((out[i] * weights[i]).sum() for i in used), qkv)[0]
                  for out in (ref, got)]
         torch.testing.assert_close(grads[1], grads[0], **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_geglu_is_bitwise_the_plain_formula(dtype):
+    """The MLP's GeGLU writes both gradient halves in place; same ops, so the same bits as autograd's
+    chunk, gelu and product, values and gradients (the output gradient non-contiguous, as a
+    transposed one can be)."""
+    h = torch.randn(3, 10, 2 * 24, dtype=dtype)
+    grad_out = torch.randn(10, 3, 24, dtype=dtype).transpose(0, 1)
+    outs, grads = [], []
+    for fn in (geglu_plain, geglu):
+        x = h.clone().requires_grad_()
+        y = fn(x)
+        y.backward(grad_out)
+        outs.append(y.detach())
+        grads.append(x.grad)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
 
 
 @pytest.mark.parametrize("variant", ["glm130b", "deepnet"])
