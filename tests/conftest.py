@@ -58,8 +58,8 @@ def data_overrides(d: dict[str, str]) -> list[str]:
             f"data.valid={{en:{base}/en_val,zh:{base}/zh_val}}"]
 
 
-# Two training processes with the same config agree bitwise on this machine, except that rarely (3 of
-# about 500 processes measured) one step's gradient or norm lands one float32 ulp away and the run
+# Two training processes with the same config agree bitwise on this machine, except that rarely (5 of
+# about 640 processes measured) one step's gradient or norm lands one float32 ulp away and the run
 # carries on within ~1e-7 of the other; an uninterrupted fresh run showed it too, so it is not a resume
 # effect (docs/reproducibility.md). Resume faults land outside this bound, measured by injecting them
 # into the 12-step dropout run resumed at step 6: the dropout stream not restored moved the losses by
