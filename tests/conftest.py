@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
+import warnings
 from pathlib import Path
 
 import pytest
@@ -69,9 +71,6 @@ ULP_DRIFT_RTOL = 1e-6
 
 def assert_same_curve(a: list[dict], b: list[dict], keys: tuple[str, ...] = ("loss", "grad_norm")) -> None:
     """Per-step ``keys`` of two runs: equal, bitwise or within ``ULP_DRIFT_RTOL``; warns if not bitwise."""
-    import math
-    import warnings
-
     assert [r["step"] for r in a] == [r["step"] for r in b]
     off = []
     for ra, rb in zip(a, b, strict=True):
