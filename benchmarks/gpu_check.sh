@@ -5,12 +5,16 @@
 #
 #     bash benchmarks/gpu_check.sh           (from the repository root, or anywhere)
 #
-# Sections, each under `timeout`, all within about 7 minutes:
+# Sections, each under `timeout`, all within about 8.5 minutes (GPU_CHECK_BUDGET_S), in this order so
+# that a run cut short has answered the main questions first:
 #   0. environment: nvidia-smi -L, versions, `import deepspeed, hydra, omegaconf, glm_train`
+#   2. python3 benchmarks/gpu_mfu.py: MFU of the ~1B GLM (configs/model/glm-1b.yaml) in bf16 with
+#      split attention, micro-batch 8 (4, 2, 1 after an out-of-memory); then with torch.compile and
+#      fused AdamW
 #   1. python3 -m pytest -q -m gpu tests/test_gpu.py   (forward bf16/fp32 vs CPU, SDPA vs eager,
 #      bf16 ZeRO-1 training + checkpoint + resume, fp32 GPU vs CPU training)
-#   2. python3 benchmarks/gpu_mfu.py: MFU of the ~1B GLM (configs/model/glm-1b.yaml) in bf16,
-#      micro-batch 8, then 4, 2, 1 after an out-of-memory; then the same with split attention
+#   2'. the masked SDPA kernel (the configuration of the earlier H100 run) at the same micro-batch,
+#      then the best variant at twice the micro-batch
 #   3. python3 benchmarks/plan_check.py: glm-plan's memory estimate against measured peaks
 # Logs and JSON go to $OUT (default /tmp/gpu_out); a summary table is printed at the end.
 # Dry run without a GPU: PYTHON=.venv/bin/python GLM_GPU_TESTS_ON_CPU=1 GPU_MFU_MICRO_BATCHES=2 \
@@ -22,14 +26,15 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-/tmp/gpu_out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
-BUDGET_S="${GPU_CHECK_BUDGET_S:-460}"   # all sections together; the caller's limit is about 8 minutes
+BUDGET_S="${GPU_CHECK_BUDGET_S:-510}"   # all sections together; give the caller's timeout 30 s more
 MICRO_BATCHES="${GPU_MFU_MICRO_BATCHES:-8 4 2 1}"
-MFU_ARGS="${GPU_MFU_ARGS:-}"            # e.g. "--device cpu --layers 2 --hidden 128 ..." for a dry run
+# 5 untimed steps (torch.compile compiles in the first) and 12 timed: step times vary by < 1% on a GPU.
+MFU_ARGS="${GPU_MFU_ARGS:---warmup 5 --steps 12}"  # "--device cpu --layers 2 ..." for a dry run
 export PYTHONPATH="$PWD/.gpudeps/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore::DeprecationWarning,ignore::FutureWarning}"
 unset DS_ACCELERATOR
-rm -f "$OUT"/gpu_tests.jsonl "$OUT"/gpu_mfu*.json "$OUT"/pytest.xml "$OUT"/status.txt
+rm -f "$OUT"/gpu_tests.jsonl "$OUT"/gpu_mfu*.json "$OUT"/gpu_mfu*.log "$OUT"/pytest.xml "$OUT"/status.txt
 
 left() {  # seconds of the budget left (at least 1), capped at $1
     local rest=$((BUDGET_S - SECONDS))
@@ -87,52 +92,85 @@ if [ "$env_rc" != 0 ]; then
     note "the imports failed: nothing else can run (see $OUT/env.log)"
 fi
 
-pytest_rc=1
-if [ "$env_rc" = 0 ]; then
-    echo "== 1. GPU tests ($((BUDGET_S - SECONDS)) s of budget left)"
-    GLM_GPU_REPORT="$OUT/gpu_tests.jsonl" timeout -k 10 "$(left 240)" "$PY" -m pytest -q -m gpu tests/test_gpu.py \
-        -rs -p no:cacheprovider --junitxml="$OUT/pytest.xml" 2>&1 | tee "$OUT/pytest.log"
-    pytest_rc=${PIPESTATUS[0]}
-    note "pytest: exit $pytest_rc"
+# One gpu_mfu.py run: mfu NAME MICRO_BATCH CAP_S ARGS... -> $OUT/gpu_mfu_NAME.json, its exit status.
+mfu() {
+    local name=$1 mb=$2 cap=$3
+    shift 3
+    local t
+    t=$(left "$cap")
+    if [ "$t" -lt 45 ]; then
+        note "mfu $name micro-batch $mb: no time left"
+        return 124
+    fi
+    echo "-- mfu $name, micro-batch $mb ($((BUDGET_S - SECONDS)) s of budget left)"
+    # shellcheck disable=SC2086
+    timeout -k 10 "$t" "$PY" benchmarks/gpu_mfu.py --micro-batch "$mb" --json "$OUT/gpu_mfu_$name.json" \
+        "$@" $MFU_ARGS 2>&1 | tee "$OUT/gpu_mfu_$name.log"
+    local rc=${PIPESTATUS[0]}
+    note "mfu $name micro-batch $mb: exit $rc"
+    return "$rc"
+}
 
+pytest_rc=1
+mb_ok=""
+if [ "$env_rc" = 0 ]; then
+    # The variants in order of what they decide, so that a run cut short still answers the main
+    # question: split attention (FlashAttention-eligible) first, at micro-batch 8 or the largest
+    # that fits; then with torch.compile and fused AdamW; the masked kernel (the earlier H100 run's
+    # configuration) for the side-by-side; the best at twice the micro-batch where memory allows.
     echo "== 2. MFU of glm-1b, bf16 ($((BUDGET_S - SECONDS)) s of budget left)"
     for mb in $MICRO_BATCHES; do
-        t=$(left 200)
-        if [ "$t" -lt 45 ]; then
-            note "mfu: no time left for micro-batch $mb"
-            break
-        fi
-        # shellcheck disable=SC2086
-        timeout -k 10 "$t" "$PY" benchmarks/gpu_mfu.py --micro-batch "$mb" --json "$OUT/gpu_mfu_mb$mb.json" \
-            $MFU_ARGS 2>&1 | tee "$OUT/gpu_mfu_mb$mb.log"
-        rc=${PIPESTATUS[0]}
-        note "mfu micro-batch $mb: exit $rc"
+        mfu split "$mb" 150 --attention-impl split --profile-top 15
+        rc=$?
         if [ "$rc" = 0 ]; then
-            cp "$OUT/gpu_mfu_mb$mb.json" "$OUT/gpu_mfu.json"
+            mb_ok=$mb
             break
         elif [ "$rc" != 3 ]; then  # 3: out of memory, retry smaller; anything else: stop
             break
         fi
     done
+    if [ -n "$mb_ok" ]; then
+        mfu split_compile_fused "$mb_ok" 240 --attention-impl split --compile --optimizer-impl fused --profile-top 15
+    fi
 
-    # The same run with the mask-free split attention (FlashAttention-eligible), at the micro-batch
-    # that fitted: the side-by-side figure that decides the GPU default.
-    if [ -f "$OUT/gpu_mfu.json" ]; then
-        mb_ok=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['micro_batch'])" "$OUT/gpu_mfu.json")
-        t=$(left 200)
-        if [ "$t" -ge 60 ]; then
+    echo "== 1. GPU tests ($((BUDGET_S - SECONDS)) s of budget left)"
+    GLM_GPU_REPORT="$OUT/gpu_tests.jsonl" timeout -k 10 "$(left 200)" "$PY" -m pytest -q -m gpu tests/test_gpu.py \
+        -rs -p no:cacheprovider --junitxml="$OUT/pytest.xml" 2>&1 | tee "$OUT/pytest.log"
+    pytest_rc=${PIPESTATUS[0]}
+    note "pytest: exit $pytest_rc"
+
+    if [ -n "$mb_ok" ]; then
+        mfu sdpa "$mb_ok" 120 --attention-impl sdpa
+        best=$("$PY" - "$OUT" <<'EOF2'
+import json
+import sys
+from pathlib import Path
+
+runs = {}
+for p in Path(sys.argv[1]).glob("gpu_mfu_*.json"):
+    r = json.loads(p.read_text())
+    if r.get("status") == "ok":
+        runs[p.stem.removeprefix("gpu_mfu_")] = r
+if runs:
+    name = max(runs, key=lambda k: runs[k]["mfu_vs_measured_peak"])
+    print(name)
+EOF2
+)
+        if [ -n "$best" ]; then
+            cp "$OUT/gpu_mfu_$best.json" "$OUT/gpu_mfu.json"
+            args=$("$PY" -c "
+import json, sys
+r = json.load(open(sys.argv[1]))
+a = ['--attention-impl', r['attention_impl'], '--optimizer-impl', r.get('optimizer_impl', 'auto')]
+print(' '.join(a + (['--compile'] if r.get('compile') else [])))" "$OUT/gpu_mfu.json")
             # shellcheck disable=SC2086
-            timeout -k 10 "$t" "$PY" benchmarks/gpu_mfu.py --micro-batch "$mb_ok" --attention-impl split \
-                --json "$OUT/gpu_mfu_split.json" $MFU_ARGS 2>&1 | tee "$OUT/gpu_mfu_split.log"
-            note "mfu split attention, micro-batch $mb_ok: exit ${PIPESTATUS[0]}"
-        else
-            note "mfu split attention: no time left"
+            mfu "${best}_mb$((2 * mb_ok))" $((2 * mb_ok)) 240 $args
         fi
     fi
 
     echo "== 3. glm-plan against measured peak memory ($((BUDGET_S - SECONDS)) s of budget left)"
     t=$(left 240)
-    if [ "$t" -ge 60 ]; then
+    if [ "$t" -ge 90 ]; then
         timeout -k 10 "$t" "$PY" benchmarks/plan_check.py --json "$OUT/plan_check.json" 2>&1 | tee "$OUT/plan_check.log"
         note "plan_check: exit ${PIPESTATUS[0]}"
     else
@@ -176,29 +214,30 @@ print()
 for check, vals in measured:
     print(f"{check:<18} {vals}")
 print()
-if mfu.is_file():
-    r = json.loads(mfu.read_text())
-    def f(key, fmt="{:.3g}"):
-        v = r.get(key)
-        return "-" if v is None else fmt.format(v)
-    print(f"MFU glm-1b ({r.get('device')}): L={r.get('layers')} d={r.get('hidden')} seq={r.get('seq')} "
-          f"vocab={r.get('vocab')} params={r.get('parameters', 0) / 1e9:.3f}B micro-batch={r.get('micro_batch')} "
-          f"{r.get('precision')} ckpt-interval={r.get('activation_checkpoint_interval')}")
-    print(f"  tokens/s {f('tokens_per_s', '{:.0f}')} | step {f('step_time_mean_s')} s | model TFLOP/s "
-          f"{f('model_tflops', '{:.1f}')} | peak measured {f('peak_tflops_measured', '{:.1f}')} | datasheet "
-          f"{f('peak_tflops_datasheet', '{:.0f}')}")
-    print(f"  MFU vs measured peak {f('mfu_vs_measured_peak', '{:.1%}')} | MFU vs datasheet "
-          f"{f('mfu_vs_datasheet', '{:.1%}')} | peak memory {f('peak_memory_allocated_gib', '{:.1f}')} GiB "
-          f"of {f('device_memory_gib', '{:.0f}')} | GFLOP/token {f('model_gflops_per_token', '{:.3f}')}")
-    split = out / "gpu_mfu_split.json"
-    if split.is_file():
-        r2 = json.loads(split.read_text())
-        print(f"  split attention: tokens/s {r2.get('tokens_per_s', 0):.0f} | MFU vs measured peak "
-              f"{r2.get('mfu_vs_measured_peak', 0):.1%} | vs datasheet {r2.get('mfu_vs_datasheet', 0):.1%} | "
-              f"peak memory {r2.get('peak_memory_allocated_gib', 0):.1f} GiB")
-else:
-    tried = sorted(out.glob("gpu_mfu_mb*.json"))
-    print("MFU: no successful run;", "; ".join(f"{p.name}: {json.loads(p.read_text()).get('status')}" for p in tried))
+runs = [(p.stem.removeprefix("gpu_mfu_"), json.loads(p.read_text())) for p in sorted(out.glob("gpu_mfu_*.json"))]
+ok = [(n, r) for n, r in runs if r.get("status") == "ok"]
+if ok:
+    r0 = ok[0][1]
+    print(f"MFU glm-1b ({r0.get('device')}, torch {r0.get('torch')}): L={r0.get('layers')} d={r0.get('hidden')} "
+          f"seq={r0.get('seq')} vocab={r0.get('vocab')} params={r0.get('parameters', 0) / 1e9:.3f}B, "
+          f"{r0.get('precision')}, dropout {r0.get('dropout')}, no recomputation; "
+          f"{r0.get('model_gflops_per_token', 0):.3f} model GFLOP/token")
+    hdr = (f"{'variant':<28} {'mb':>3} {'attention':>9} {'compile':>7} {'AdamW':>6} {'step s':>7} {'tokens/s':>9} "
+           f"{'TFLOP/s':>8} {'peak':>6} {'MFU':>6} {'MFU ds':>6} {'mem GiB':>7}  loss first -> last")
+    print(hdr)
+    for n, r in ok:
+        print(f"{n:<28} {r['micro_batch']:>3} {r['attention_impl']:>9} {str(r.get('compile')):>7} "
+              f"{r.get('optimizer_impl', 'auto'):>6} {r['step_time_mean_s']:>7.4f} {r['tokens_per_s']:>9.0f} "
+              f"{r['model_tflops']:>8.1f} {r['peak_tflops_measured']:>6.0f} {r['mfu_vs_measured_peak']:>6.1%} "
+              f"{(r['mfu_vs_datasheet'] or 0):>6.1%} {r.get('peak_memory_allocated_gib', 0):>7.1f}  "
+              f"{r['first_loss']:.6g} -> {r['last_loss']:.6g}")
+    print("(MFU: model FLOPs per second over the bf16 matmul peak measured in the same process; "
+          "MFU ds: over the datasheet's dense figure)")
+for n, r in runs:
+    if r.get("status") != "ok":
+        print(f"MFU {n}: {r.get('status')} at micro-batch {r.get('micro_batch')}: {str(r.get('error'))[:300]}")
+if not ok:
+    print("MFU: no successful run")
 status = out / "status.txt"
 if status.is_file():
     print()

@@ -91,11 +91,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention-impl", choices=["sdpa", "split", "eager"],
                    help="model.attention_impl (default: the preset's)")
     p.add_argument("--compile", action="store_true", help="train.compile (torch.compile each block)")
+    p.add_argument("--optimizer-impl", choices=["auto", "fused", "foreach", "for_loop"], default="auto",
+                   help="train.optimizer_impl (AdamW kernel; default auto: torch's choice)")
     p.add_argument("--selective", default="", help="parallel.selective_recompute, e.g. attention,geglu")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument(
         "--peak-size", type=int, help="square matmul size for the peak (default 8192; 1024 on CPU)"
     )
+    p.add_argument("--profile-top", type=int, default=0,
+                   help="after the timed steps, profile one more and report its N costliest kernels")
     p.add_argument("--json", help="write the results here")
     return p.parse_args(argv)
 
@@ -103,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_config(args: argparse.Namespace) -> Any:
     import yaml
 
-    from glm_train.config import GLMConfig, ModelConfig, Precision, validate
+    from glm_train.config import GLMConfig, ModelConfig, OptimizerImpl, Precision, validate
 
     preset = yaml.safe_load((REPO / "configs" / "model" / f"{args.model}.yaml").read_text())
     model = ModelConfig(**preset)
@@ -131,6 +135,7 @@ def build_config(args: argparse.Namespace) -> Any:
     cfg.parallel.activation_checkpoint_interval = args.checkpoint_interval
     cfg.parallel.selective_recompute = [x for x in args.selective.split(",") if x]
     cfg.train.compile = args.compile
+    cfg.train.optimizer_impl = OptimizerImpl(args.optimizer_impl)
     cfg.eval.every = 0
     validate(cfg, check_paths=False)
     return cfg
@@ -182,6 +187,31 @@ def peak_matmul_tflops(device: str, dtype: Any, n: int) -> float:
     return 2 * n**3 / statistics.mean(times) / 1e12
 
 
+def profile_step(engine: Any, batches: list[Any], cuda: bool, top: int) -> list[dict[str, Any]]:
+    """One more training step under torch.profiler: the ``top`` kernels (ops on a CPU) by self time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        engine.train_batch(iter(batches))
+        if cuda:
+            torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        t = ev.self_device_time_total if cuda else ev.self_cpu_time_total
+        if t > 0:
+            rows.append({"name": ev.key[:90], "self_ms": t / 1e3, "calls": ev.count})
+    rows.sort(key=lambda r: -r["self_ms"])
+    total = sum(r["self_ms"] for r in rows)
+    for r in rows:
+        r["share"] = r["self_ms"] / total if total else 0.0
+    print(f"profiled step: {total:.1f} ms of {'GPU kernel' if cuda else 'CPU op'} self time; the costliest:")
+    for r in rows[:top]:
+        print(f"  {r['self_ms']:9.2f} ms {r['share']:6.1%} {r['calls']:6d}x  {r['name']}")
+    return rows[:top]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.device == "cpu":
         # glm_train.env then picks gloo and DeepSpeed's CPU accelerator.
@@ -223,6 +253,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "activation_checkpoint_interval": args.checkpoint_interval,
         "selective_recompute": args.selective,
         "compile": args.compile,
+        "optimizer_impl": args.optimizer_impl,
         "warmup_steps": args.warmup,
         "timed_steps": args.steps,
         "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
@@ -258,6 +289,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not all(math.isfinite(x) for x in losses):
         raise FloatingPointError(f"non-finite loss: {losses}")
 
+    if args.profile_top:
+        res["profile_top"] = profile_step(engine, batches, cuda, args.profile_top)
     if cuda:
         res["peak_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         res["peak_memory_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
@@ -329,6 +362,10 @@ def print_table(res: dict[str, Any]) -> None:
             "activation checkpointing",
             f"interval {res.get('activation_checkpoint_interval')} "
             f"({res.get('recomputed_blocks')} blocks recomputed)",
+        ),
+        (
+            "attention / compile / AdamW",
+            f"{res.get('attention_impl')} / {res.get('compile')} / {res.get('optimizer_impl')}",
         ),
         ("scored fraction (Part B)", res.get("scored_fraction")),
         (

@@ -64,14 +64,17 @@ def test_compile_selective_recompute_and_adamw_kernels_match_eager(tiny_data, tm
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=2e-3), (a["step"], a["grad_norm"], b["grad_norm"])
 
 
-def test_split_attention_equals_the_masked_kernel():
-    """The two mask-free calls against one SDPA call with the boolean mask, values and gradients."""
+@pytest.mark.parametrize("prefix", [[0, 5, 13, 24], [9, 9, 9, 9], [24, 24, 24, 24]],
+                         ids=["mixed", "one_length", "all_part_a"])
+def test_split_attention_equals_the_masked_kernel(prefix):
+    """The two mask-free calls against one SDPA call with the boolean mask, values and gradients:
+    per sample (no Part A, short, long, everything Part A) and batched (one length for all)."""
     from glm_train.model.glm import GLMModel
 
     grads = {}
     s = 24
     ids = torch.randint(0, 200, (4, s))
-    prefix = torch.tensor([0, 5, 13, s])  # no Part A, short, long, everything Part A
+    prefix = torch.tensor(prefix)
     for impl in (AttentionImpl.sdpa, AttentionImpl.split):
         cfg = ModelConfig(hidden=64, heads=4, layers=2, seq_length=s, vocab_size=256, attention_impl=impl)
         model = GLMModel(cfg, seed=3)

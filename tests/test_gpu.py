@@ -127,10 +127,15 @@ def test_forward_on_gpu_matches_fp32_cpu(impl):
     assert _rel(other, ref) > 0.1
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "split"])
+@pytest.mark.parametrize("impl", ["sdpa", "split", "split_one_length"])
 def test_fused_kernels_match_eager_on_gpu(impl):
+    # split_one_length: every sample's Part A of one length, which split takes in one batched call.
+    one_length = impl == "split_one_length"
+    impl = impl.removesuffix("_one_length")
     fused, eager = _model(impl), _model("eager")
     ids, targets, prefix = _inputs()
+    if one_length:
+        prefix = torch.full_like(prefix, 64)
     errs = {}
     for dtype, name in [(torch.float32, "fp32"), (torch.bfloat16, "bf16")]:
         outs, grads = [], []
@@ -142,7 +147,7 @@ def test_fused_kernels_match_eager_on_gpu(impl):
             grads.append(torch.cat([p.grad.float().flatten().cpu() for p in m.parameters()]))
         errs[f"{name}_out_rel_l2"] = _rel(outs[0], outs[1])
         errs[f"{name}_grad_rel_l2"] = _rel(grads[0], grads[1])
-    _report(f"{impl}_vs_eager", **errs)
+    _report(f"{impl}{'_one_length' if one_length else ''}_vs_eager", **errs)
     assert errs["fp32_out_rel_l2"] <= 1e-4 and errs["fp32_grad_rel_l2"] <= 1e-4, errs
     assert errs["bf16_out_rel_l2"] <= 2e-2 and errs["bf16_grad_rel_l2"] <= 2e-2, errs
 
