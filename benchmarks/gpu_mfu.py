@@ -187,29 +187,39 @@ def peak_matmul_tflops(device: str, dtype: Any, n: int) -> float:
     return 2 * n**3 / statistics.mean(times) / 1e12
 
 
-def profile_step(engine: Any, batches: list[Any], cuda: bool, top: int) -> list[dict[str, Any]]:
-    """One more training step under torch.profiler: the ``top`` kernels (ops on a CPU) by self time."""
+def profile_step(engine: Any, batches: list[Any], cuda: bool, top: int) -> dict[str, Any]:
+    """One more training step under torch.profiler: wall time, GPU busy time and the ``top`` costliest
+    kernels (ops on a CPU) by self time, each kernel counted once (not also under its aten op)."""
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    t0 = time.perf_counter()
     with profile(activities=acts) as prof:
         engine.train_batch(iter(batches))
         if cuda:
             torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1e3
     rows = []
     for ev in prof.key_averages():
-        t = ev.self_device_time_total if cuda else ev.self_cpu_time_total
+        if cuda:
+            if ev.device_type != DeviceType.CUDA:  # kernels only: aten ops would count them twice
+                continue
+            t = ev.self_device_time_total
+        else:
+            t = ev.self_cpu_time_total
         if t > 0:
-            rows.append({"name": ev.key[:90], "self_ms": t / 1e3, "calls": ev.count})
+            rows.append({"name": ev.key[:100], "self_ms": t / 1e3, "calls": ev.count})
     rows.sort(key=lambda r: -r["self_ms"])
-    total = sum(r["self_ms"] for r in rows)
+    busy = sum(r["self_ms"] for r in rows)
     for r in rows:
-        r["share"] = r["self_ms"] / total if total else 0.0
-    print(f"profiled step: {total:.1f} ms of {'GPU kernel' if cuda else 'CPU op'} self time; the costliest:")
+        r["share"] = r["self_ms"] / busy if busy else 0.0
+    what = "GPU kernel" if cuda else "CPU op self"
+    print(f"profiled step: {wall_ms:.1f} ms wall (profiler on), {busy:.1f} ms of {what} time; the costliest:")
     for r in rows[:top]:
         print(f"  {r['self_ms']:9.2f} ms {r['share']:6.1%} {r['calls']:6d}x  {r['name']}")
-    return rows[:top]
+    return {"wall_ms": wall_ms, "busy_ms": busy, "kernels": len(rows), "top": rows[:top]}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -290,7 +300,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise FloatingPointError(f"non-finite loss: {losses}")
 
     if args.profile_top:
-        res["profile_top"] = profile_step(engine, batches, cuda, args.profile_top)
+        res["profile"] = profile_step(engine, batches, cuda, args.profile_top)
     if cuda:
         res["peak_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         res["peak_memory_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30

@@ -137,6 +137,7 @@ class SelfAttention(nn.Module):
         return torch.matmul(probs, v)
 
 
+@torch.compiler.disable  # data-dependent (Part-A lengths on the host): one opaque call, not 7 graph breaks
 def split_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_lengths: torch.Tensor,
                            dropout_p: float = 0.0) -> torch.Tensor:
     """GLM attention (Part A bidirectional, Part B causal) from two mask-free SDPA calls.

@@ -71,7 +71,8 @@ def build_engine(cfg: GLMConfig, backend: str) -> tuple[deepspeed.PipelineEngine
     """Initialize the process groups, build the pipeline module, optimizer, LR schedule and engine."""
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
     par = ParallelState(cfg.parallel.tp, cfg.parallel.pp, data_parallel_size(cfg))
-    TP_RANDOM.seed(cfg.train.seed, par.get_pipeline_model_parallel_rank(), par.get_tensor_model_parallel_rank())
+    TP_RANDOM.seed(cfg.train.seed, par.get_pipeline_model_parallel_rank(), par.get_tensor_model_parallel_rank(),
+                   par.get_tensor_model_parallel_world_size())
     module = glm_pipeline(cfg.model, cfg.train.seed, par.topology, partition=cfg.parallel.partition,
                           activation_checkpoint_interval=cfg.parallel.activation_checkpoint_interval,
                           selective_recompute=frozenset(cfg.parallel.selective_recompute))

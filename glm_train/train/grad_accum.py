@@ -31,7 +31,11 @@ class FP32GradAccumulator:
             return
         acc = self.sums.get(id(p))
         if acc is None:
-            self.sums[id(p)] = p.grad.float()
+            # Kept as it is until a second micro-batch comes: a one-micro-batch step then pays no
+            # FP32 round trip (1.3B parameters: 16 GB of memory traffic), for the same gradient.
+            self.sums[id(p)] = p.grad
+        elif acc.dtype != torch.float32:
+            self.sums[id(p)] = acc.float().add_(p.grad)
         else:
             acc.add_(p.grad)
         p.grad = None
@@ -41,7 +45,7 @@ class FP32GradAccumulator:
         for p in self.params:
             acc = self.sums.pop(id(p), None)
             if acc is not None:
-                p.grad = acc.to(p.dtype)
+                p.grad = acc.to(p.dtype)  # no copy when acc is the one micro-batch's gradient
 
 
 def install_fp32_grad_accumulation(engine: Any) -> FP32GradAccumulator:

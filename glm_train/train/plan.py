@@ -6,9 +6,10 @@ stage / TP (LayerNorms replicated); w: bytes of a weight or activation element, 
 V padded vocabulary.
 
 weights      P * w
-gradients    P * w                      the model's own .grad; bf16/fp16 with train.grad_accum_fp32:
-             or P * 4                   the FP32 sums instead (grad_accum.py), which take each .grad as
-                                        backward makes it and hand it back, rounded, only for the step
+gradients    P * w                      the model's own .grad; bf16/fp16 with train.grad_accum_fp32 and
+             or P * 4                   more than one micro-batch per step: the FP32 sums instead
+                                        (grad_accum.py), which take each .grad as backward makes it and
+                                        hand it back, rounded, only for the step
 optimizer    P * (8 + 4) / Z            ZeRO-1: Adam moments and the FP32 master partition (DeepSpeed
                                         clones it even in fp32) ...
 step         + P * 4 / Z                ... and, during the step only, the FP32 gradient partition.
@@ -332,6 +333,8 @@ def plan(cfg: GLMConfig, world_size: int, device: str = "gpu") -> dict[str, Any]
     full_layer = activation_bytes_per_layer(cfg, device, selective=False)
     per_layer = activation_bytes_per_layer(cfg, device)
     working = backward_working_bytes(cfg, device)
+    # One micro-batch per step: grad_accum.py keeps that micro-batch's gradient as it is.
+    grad_w = 4 if mixed and t.grad_accum_fp32 and micro_per_pipe > 1 else w
     stages = []
     layer_ranges = stage_layers(m.layers, pp, p.partition)
     for i, blocks in enumerate(stage_blocks(m.layers, pp, p.partition)):
@@ -341,7 +344,7 @@ def plan(cfg: GLMConfig, world_size: int, device: str = "gpu") -> dict[str, Any]
             params += vocab * h / tp  # the embedding, and its tied copy for the head on the last stage
         if last:
             params += 2 * h
-        grads = params * (4 if mixed and t.grad_accum_fp32 else w)
+        grads = params * grad_w
         if p.zero_stage >= 1:
             optim, step = params * (8 + 4) / zero, params * 4 / zero
         elif cfg.precision == Precision.bf16:
@@ -361,7 +364,7 @@ def plan(cfg: GLMConfig, world_size: int, device: str = "gpu") -> dict[str, Any]
             # The first backward of the step makes the gradients block by block while it frees that
             # micro-batch's activations: where a block's gradient outweighs what it frees (recomputation
             # keeps little), memory grows until the last block.
-            block_grad = block_params(m) / tp * (4 if mixed and t.grad_accum_fp32 else w)
+            block_grad = block_params(m) / tp * grad_w
             backward += max(0.0, (blocks - 1) * (block_grad - in_blocks / blocks))
             if last:
                 backward += vocab * h / tp * w  # the tied head's gradient, made by the loss's backward

@@ -283,7 +283,8 @@ class Trainer:
         self._restore_client(client)
         seed = self.cfg.train.seed + self.state.step
         seed_everything(seed)
-        TP_RANDOM.seed(seed, self.par.get_pipeline_model_parallel_rank(), self.par.get_tensor_model_parallel_rank())
+        TP_RANDOM.seed(seed, self.par.get_pipeline_model_parallel_rank(), self.par.get_tensor_model_parallel_rank(),
+                       self.par.get_tensor_model_parallel_world_size())
         self.metrics.truncate_after(self.state.step)
         if self.rank == 0:
             print(f"started from the layout-free checkpoint {path} at step {self.state.step} "
