@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="share of each sequence in Part B (scored; the head runs there only)",
     )
     p.add_argument("--dropout", type=float, help="override the preset's hidden and attention dropout")
-    p.add_argument("--attention-impl", choices=["sdpa", "split", "eager"],
+    p.add_argument("--attention-impl", choices=["auto", "sdpa", "split", "eager"],
                    help="model.attention_impl (default: the preset's)")
     p.add_argument("--compile", action="store_true", help="train.compile (torch.compile each block)")
     p.add_argument("--optimizer-impl", choices=["auto", "fused", "foreach", "for_loop"], default="auto",
@@ -233,6 +233,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
+    from glm_train.config import AttentionImpl
     from glm_train.model.embedding import GLMEmbedding
     from glm_train.train.engine import build_engine
     from glm_train.train.flops import hardware_flops_per_token, model_flops_per_token, recomputed_blocks
@@ -258,12 +259,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "dropout": m.dropout,
         "attention_dropout": m.attention_dropout,
         "attention_impl": str(getattr(m.attention_impl, "value", m.attention_impl)),
+        "attention_kernel": AttentionImpl(m.attention_impl).resolve(args.device).value,
         "micro_batch": args.micro_batch,
         "grad_accum": args.grad_accum,
         "activation_checkpoint_interval": args.checkpoint_interval,
         "selective_recompute": args.selective,
         "compile": args.compile,
         "optimizer_impl": args.optimizer_impl,
+        # What the engine builds (train/engine.py): auto is fused on CUDA.
+        "adamw": "fused" if args.optimizer_impl == "auto" and cuda else args.optimizer_impl,
         "warmup_steps": args.warmup,
         "timed_steps": args.steps,
         "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),

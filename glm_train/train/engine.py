@@ -80,9 +80,12 @@ def build_engine(cfg: GLMConfig, backend: str) -> tuple[deepspeed.PipelineEngine
     if t.compile:
         compile_blocks(module)
     impl = OptimizerImpl(t.optimizer_impl)
+    # auto: fused on a GPU (one kernel pass over the FP32 master: glm-1b on one H200, 2.5% more
+    # tokens/s than torch's foreach default), torch's own choice elsewhere (the CPU note in config.py).
+    fused = impl == OptimizerImpl.fused or (impl == OptimizerImpl.auto and torch.cuda.is_available())
     optimizer = torch.optim.AdamW(param_groups(module, t.weight_decay), lr=t.lr,
                                   betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                                  fused=True if impl == OptimizerImpl.fused else None,
+                                  fused=True if fused else None,
                                   foreach={OptimizerImpl.foreach: True, OptimizerImpl.for_loop: False}.get(impl))
     if cfg.precision == Precision.fp16:
         _allow_cpu_fp16()

@@ -103,7 +103,7 @@ def hardware_flops_per_token(
         # Non-reentrant checkpointing stops replaying once every saved tensor is back: the fused SDPA
         # kernel saves its output, so it reruns whole; the eager path's P V matmul saves only its
         # inputs, so only Q K^T reruns.
-        matmuls = 2 if AttentionImpl(model_cfg.attention_impl) == AttentionImpl.sdpa else 1
+        matmuls = 2 if AttentionImpl(model_cfg.attention_impl) in (AttentionImpl.sdpa, AttentionImpl.auto) else 1
         total += model_cfg.layers * matmuls * 2 * seq_length * model_cfg.hidden
     return total
 

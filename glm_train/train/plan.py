@@ -158,7 +158,7 @@ def _attention_terms(cfg: GLMConfig, device: str, recompute: bool) -> tuple[floa
     m = cfg.model
     w = _element_bytes(cfg)
     drop_mask = w if device == "cpu" else 1
-    impl = AttentionImpl(m.attention_impl)
+    impl = AttentionImpl(m.attention_impl).resolve(device)
     part_a = 1 - SCORED_FRACTION
     if recompute:  # the split kernel takes Part-A lengths, no [b, 1, s, s] mask
         return 4 * w, 0 if impl == AttentionImpl.split else 1, 0
