@@ -204,7 +204,9 @@ def profile_step(engine: Any, batches: list[Any], cuda: bool, top: int) -> dict[
     rows = []
     for ev in prof.key_averages():
         if cuda:
-            if ev.device_type != DeviceType.CUDA:  # kernels only: aten ops would count them twice
+            # Kernels only: aten ops would count them twice, and so would the GPU-side ranges of
+            # record_function annotations (such as "Optimizer.step#AdamW.step").
+            if ev.device_type != DeviceType.CUDA or getattr(ev, "is_user_annotation", False):
                 continue
             t = ev.self_device_time_total
         else:

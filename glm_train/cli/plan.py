@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
                    help="cpu: dropout keeps its noise, SDPA with attention dropout runs its math path")
     args = p.parse_intermixed_args(argv)  # overrides may follow options
-    from glm_train.config import ConfigError, load_config
+    from glm_train.config import AttentionImpl, ConfigError, load_config
 
     world = args.world_size
     try:
@@ -57,7 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"({r['micro_batches_per_pipeline']} micro-batches per pipeline), "
           f"recompute interval {par.activation_checkpoint_interval}, selective recompute: {selective}")
     full, kept = r["activations_per_layer_full"], r["activations_per_layer"]
-    print(f"activations per block and micro-batch: {kept / 2**20:,.1f} MiB ({m.attention_impl.value} attention"
+    impl = AttentionImpl(m.attention_impl)
+    kernel = impl.resolve(args.device).value + (" via auto" if impl == AttentionImpl.auto else "")
+    print(f"activations per block and micro-batch: {kept / 2**20:,.1f} MiB ({kernel} attention"
           + (f"; {full / 2**20:,.1f} MiB without selective recompute)" if kept != full else ")"))
     # step: buffers of the optimizer step (FP32 gradient partition, or ZeRO's two reduction buckets,
     # one of which already exists during the backward pass); bwd: one block's backward pass beyond the
