@@ -83,3 +83,16 @@ def test_split_attention_equals_the_masked_kernel(prefix):
         grads[impl] = [logits.detach(), *[p.grad for p in model.parameters()]]
     for a, b in zip(grads[AttentionImpl.sdpa], grads[AttentionImpl.split], strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_attention_is_split_on_gpus_and_sdpa_elsewhere():
+    from glm_train.model.mask import attention_mask
+
+    auto = AttentionImpl.auto
+    assert auto.resolve("cuda") == auto.resolve(torch.device("cuda", 1)) == auto.resolve("gpu") == AttentionImpl.split
+    assert auto.resolve("cpu") == auto.resolve(torch.device("cpu")) == AttentionImpl.sdpa
+    assert AttentionImpl.eager.resolve("cuda") == AttentionImpl.eager  # explicit choices stay
+    prefix = torch.tensor([3, 5])
+    mask = attention_mask(prefix, 8, auto)  # on the CPU: the boolean mask of sdpa
+    assert mask.dtype == torch.bool and torch.equal(mask, attention_mask(prefix, 8, AttentionImpl.sdpa))
+    assert attention_mask(prefix, 8, AttentionImpl.split) is prefix

@@ -346,3 +346,24 @@ def test_fp32_gradient_accumulation_rounds_once():
     assert err_naive > 2 * err_ours, (float(err_naive), float(err_ours))
     acc.flush()  # idempotent
     assert torch.equal(w.grad, exact.to(torch.bfloat16))
+
+
+def test_fp32_gradient_accumulation_of_one_micro_batch_keeps_the_gradient():
+    """A step of one micro-batch: the FP32 sum would round back to the same bf16 values, so the
+    accumulator hands the backward pass's own gradient back, unconverted (no 2 x P x 6 bytes of copies)."""
+    from glm_train.train.grad_accum import FP32GradAccumulator
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(64, 64).to(torch.bfloat16))
+    x = torch.randn(8, 64).to(torch.bfloat16)
+    plain = torch.nn.Parameter(w.detach().clone())
+    (x @ plain).sum().backward()
+    acc = FP32GradAccumulator([w])
+    (x @ w).sum().backward()
+    assert w.grad is None
+    kept = acc.sums[id(w)]
+    assert kept.dtype == torch.bfloat16  # not converted while it is the only micro-batch
+    acc.flush()
+    assert w.grad is kept
+    assert torch.equal(w.grad, plain.grad)
+    assert torch.equal(w.grad, plain.grad.float().to(torch.bfloat16))  # what the FP32 round trip gave
