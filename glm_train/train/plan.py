@@ -153,6 +153,14 @@ def _element_bytes(cfg: GLMConfig) -> int:
     return 4 if cfg.precision == Precision.fp32 else 2
 
 
+def _cpu_upcasts(cfg: GLMConfig) -> bool:
+    import torch
+
+    from glm_train.model.attention import cpu_attention_upcasts
+
+    return cpu_attention_upcasts(torch.float16 if cfg.precision == Precision.fp16 else torch.bfloat16)
+
+
 def _attention_terms(cfg: GLMConfig, device: str, recompute: bool) -> tuple[float, float, float]:
     """(A per s*b*h / t, M per b*s*s, S per b*a*s*s / t) of the attention path (module docstring)."""
     m = cfg.model
@@ -164,8 +172,9 @@ def _attention_terms(cfg: GLMConfig, device: str, recompute: bool) -> tuple[floa
         return 4 * w, 0 if impl == AttentionImpl.split else 1, 0
     math_path = device == "cpu" and m.attention_dropout > 0  # CPU's fused SDPA has no dropout
     lse = 4 * m.heads / m.hidden  # the kernel's FP32 logsumexp [b, H, s]
-    if device == "cpu" and w == 2 and impl != AttentionImpl.eager and not math_path:
-        # CPU runs half-precision attention in FP32 (model/attention.py): the kernel keeps FP32 copies
+    if device == "cpu" and w == 2 and impl != AttentionImpl.eager and not math_path and _cpu_upcasts(cfg):
+        # CPU runs half-precision attention in FP32 without AMX (model/attention.py: cpu_attention_upcasts,
+        # as on the CPU this runs on): the kernel keeps FP32 copies
         # of q, k, v and its FP32 output (split: plus the Part-A call's), the dense layer the cast back.
         # The rotated half-precision q, k and the QKV output are not kept; SDPA's additive mask is FP32.
         if impl == AttentionImpl.split:
