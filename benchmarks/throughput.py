@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import sys
 import time
@@ -169,6 +170,22 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     return matmul_tflops("bf16" if dtype == torch.bfloat16 else "fp32", n, "cpu", reps)
 
 
+def cpu_description() -> str:
+    """The CPU's model name and whether it multiplies bf16 natively (AMX): bf16 figures depend on it."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from glm_train.model.attention import cpu_attention_upcasts
+
+    amx = not cpu_attention_upcasts(torch.bfloat16)
+    return f"{name}, {'AMX bf16' if amx else 'no native bf16 matmul'}"
+
+
 def build_ours(precision: str, layers: int = LAYERS, hidden: int = HIDDEN, heads: int = HEADS, seq: int = SEQ,
                vocab: int = VOCAB, micro: int = MICRO, zero_stage: int = 1, compile: bool = False,
                selective: tuple[str, ...] = ()):  # noqa: ANN201
@@ -223,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                                           "zero_stage": args.zero_stage, "compile": args.compile,
                                           "steps": args.steps, "rounds": args.rounds,
                                           "selective_recompute": list(selective),
-                                          "threads": torch.get_num_threads(), "scored_fraction": scored}
+                                          "threads": torch.get_num_threads(), "scored_fraction": scored,
+                                          "cpu": cpu_description()}
     rows = []
     timings: dict[str, tuple[dict[str, float], dict[str, list[float]]]] = {}
     precisions = args.precisions.split(",")
@@ -308,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         out["mfu_fp32"] = out["fp32"]["mfu"]  # type: ignore[index]
         out["mfu_gpt2_fp32"] = out["fp32"]["mfu_gpt2"]  # type: ignore[index]
         out["ratio_vs_reference_fp32"] = out["fp32"]["ratio_vs_reference"]  # type: ignore[index]
-    print(f"\n{out['config']}, {out['threads']} threads, scored fraction {scored:.3f}")
+    print(f"\n{out['config']}, {out['threads']} threads, scored fraction {scored:.3f}; {out['cpu']}")
     print(f"{'precision':<10}{'ours tok/s':>11}{'ref tok/s':>10}{'ratio':>7}{'peak TF/s':>10}{'MFU ours':>9}"
           f"{'MFU ref':>8}{'GPT-2 tok/s':>12}{'MFU GPT-2':>10}{'ours/GPT-2':>11}")
     for prec, r in rows:

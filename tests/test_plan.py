@@ -117,6 +117,27 @@ def test_single_gpu_static_memory_is_exact():
     assert plan(cfg, 1)["worst"].optimizer == params * 8
 
 
+def test_gradient_bytes_follow_the_fp32_sums():
+    """bf16 with train.grad_accum_fp32: the planner's gradients follow grad_accum.py (the first
+    micro-batch's gradient kept as it is, FP32 sums from the second backward on)."""
+    from glm_train.config import Precision
+
+    cfg = GLMConfig()
+    cfg.model = ModelConfig(layers=4, hidden=128, heads=4, vocab_size=1024)
+    cfg.precision = Precision.bf16
+    cfg.train.micro_batch = 2
+    by_accum = {}
+    for accum in (1, 2, 3):
+        cfg.train.global_batch = 2 * accum
+        by_accum[accum] = plan(cfg, 1)["worst"]
+    one, two, three = by_accum[1], by_accum[2], by_accum[3]
+    p = one.params
+    assert one.gradients == 2 * p and one.early_gradients is None  # one micro-batch: never converted
+    assert two.gradients == 4 * p and two.early_gradients == 2 * p  # bf16 at the loss, FP32 at the flush
+    assert three.gradients == 4 * p and three.early_gradients is None  # FP32 from the second on
+    assert one.peak < two.peak < three.peak
+
+
 def test_zero_bucket_is_capped_at_the_rank_parameters():
     """The engine's reduce_bucket_size and the plan's bucket: min(5e8, local parameters), or the key."""
     from glm_train.train.engine import deepspeed_config

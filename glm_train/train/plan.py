@@ -9,7 +9,9 @@ weights      P * w
 gradients    P * w                      the model's own .grad; bf16/fp16 with train.grad_accum_fp32 and
              or P * 4                   more than one micro-batch per step: the FP32 sums instead
                                         (grad_accum.py), which take each .grad as backward makes it and
-                                        hand it back, rounded, only for the step
+                                        hand it back, rounded, only for the step. The first micro-batch's
+                                        gradients stay P * w until the second backward converts them
+                                        block by block (so with two micro-batches P * w at the loss)
 optimizer    P * (8 + 4) / Z            ZeRO-1: Adam moments and the FP32 master partition (DeepSpeed
                                         clones it even in fp32) ...
 step         + P * 4 / Z                ... and, during the step only, the FP32 gradient partition.
@@ -296,11 +298,15 @@ class StageMemory:
     """Buffers of the optimizer step only (the FP32 gradient partition)."""
     bucket: float = 0.0
     """One ZeRO reduction bucket (0 without ZeRO)."""
+    early_gradients: float | None = None
+    """Gradient bytes at the activation peak where they differ from ``gradients`` (two micro-batches
+    with FP32 sums: the first one's gradients, still in the model's dtype)."""
 
     def _phases(self) -> tuple[float, float]:
         """(bytes on top of weights and optimizer at the activation peak, at the optimizer step)."""
         if self.grads_at_peak:  # the previous micro-batch's gradients and bucket are there
-            activation_phase = self.gradients + self.bucket + self.activations + max(self.logits, self.backward)
+            grads = self.gradients if self.early_gradients is None else self.early_gradients
+            activation_phase = grads + self.bucket + self.activations + max(self.logits, self.backward)
         else:  # the first gradient of the step makes the bucket: not yet there at the loss
             activation_phase = self.activations + max(self.logits, self.backward + self.bucket)
         # At the step the gradients are the model's own again (P * w, the size of the weights); FP32
@@ -342,8 +348,11 @@ def plan(cfg: GLMConfig, world_size: int, device: str = "gpu") -> dict[str, Any]
     full_layer = activation_bytes_per_layer(cfg, device, selective=False)
     per_layer = activation_bytes_per_layer(cfg, device)
     working = backward_working_bytes(cfg, device)
-    # One micro-batch per step: grad_accum.py keeps that micro-batch's gradient as it is.
-    grad_w = 4 if mixed and t.grad_accum_fp32 and micro_per_pipe > 1 else w
+    # grad_accum.py keeps a step's first gradient in the model's dtype and converts it to an FP32 sum
+    # when the second arrives: FP32 from the second backward on (all of it by that backward's end and
+    # at the flush before the step), never for a step of one micro-batch.
+    fp32_sums = mixed and t.grad_accum_fp32 and micro_per_pipe > 1
+    grad_w = 4 if fp32_sums else w
     stages = []
     layer_ranges = stage_layers(m.layers, pp, p.partition)
     for i, blocks in enumerate(stage_blocks(m.layers, pp, p.partition)):
@@ -354,6 +363,9 @@ def plan(cfg: GLMConfig, world_size: int, device: str = "gpu") -> dict[str, Any]
         if last:
             params += 2 * h
         grads = params * grad_w
+        # At the loss's backward of the second micro-batch the sums are still the first's gradients;
+        # from the third micro-batch on they are FP32.
+        early_grads = params * w if fp32_sums and micro_per_pipe == 2 else None
         if p.zero_stage >= 1:
             optim, step = params * (8 + 4) / zero, params * 4 / zero
         elif cfg.precision == Precision.bf16:
@@ -373,13 +385,19 @@ def plan(cfg: GLMConfig, world_size: int, device: str = "gpu") -> dict[str, Any]
             # The first backward of the step makes the gradients block by block while it frees that
             # micro-batch's activations: where a block's gradient outweighs what it frees (recomputation
             # keeps little), memory grows until the last block.
-            block_grad = block_params(m) / tp * grad_w
+            block_grad = block_params(m) / tp * w  # the first gradients stay in the model's dtype
             backward += max(0.0, (blocks - 1) * (block_grad - in_blocks / blocks))
             if last:
                 backward += vocab * h / tp * w  # the tied head's gradient, made by the loss's backward
+        elif early_grads is not None and blocks:
+            # The second backward turns each block's sums into FP32 (2 more bytes per parameter in
+            # bf16/fp16) as it frees that block's activations: the same growth, by the conversion.
+            block_grad = block_params(m) / tp * (4 - w)
+            backward += max(0.0, (blocks - 1) * (block_grad - in_blocks / blocks))
         logits = head_bytes(cfg) if last else 0.0
         stages.append(StageMemory(i, params, params * w, grads, optim, stored * inflight, logits, backward,
-                                  grads_live, step, zero_bucket_elements(params, p.zero_bucket_elements) * w if p.zero_stage >= 1 else 0.0))
+                                  grads_live, step, zero_bucket_elements(params, p.zero_bucket_elements) * w if p.zero_stage >= 1 else 0.0,
+                                  early_grads))
     worst = max(stages, key=lambda st: st.total)
     tokens = t.global_batch * m.seq_length
     flops = tokens * model_flops_per_token(m, m.seq_length, SCORED_FRACTION)
