@@ -100,10 +100,11 @@ def hardware_flops_per_token(
     n = recomputed_blocks(model_cfg.layers, activation_checkpoint_interval)
     total += n * block_forward_flops_per_token(model_cfg, seq_length)
     if "attention" in selective_recompute:
-        # Non-reentrant checkpointing stops replaying once every saved tensor is back: the fused SDPA
-        # kernel saves its output, so it reruns whole; the eager path's P V matmul saves only its
+        # Non-reentrant checkpointing stops replaying once every saved tensor is back: a fused SDPA
+        # kernel saves its output, so it reruns whole (split: both of its calls, the work of one full
+        # attention by the model FLOPs' convention); the eager path's P V matmul saves only its
         # inputs, so only Q K^T reruns.
-        matmuls = 2 if AttentionImpl(model_cfg.attention_impl) in (AttentionImpl.sdpa, AttentionImpl.auto) else 1
+        matmuls = 1 if AttentionImpl(model_cfg.attention_impl) == AttentionImpl.eager else 2
         total += model_cfg.layers * matmuls * 2 * seq_length * model_cfg.hidden
     return total
 
