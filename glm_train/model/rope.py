@@ -112,6 +112,10 @@ def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     """(q, k, v) [B, H, S, D] from the QKV projection [B, S, 3, H, D]: q and k rotated by cos/sin [B, S, D]
     as :func:`apply_rope_any` does. Under torch.compile the plain formula, which Inductor fuses itself."""
     if torch.compiler.is_compiling():
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        q, k, _ = qkv.permute(2, 0, 3, 1, 4)
+        # v copied as in eager mode: a view into qkv would reach the attention kernel with a sequence
+        # stride of 3 H D. In compiled blocks on an H200, cuDNN's attention ran 1.8x as long per step
+        # with that v as with eager's (docs/performance.md).
+        v = qkv[:, :, 2].contiguous().transpose(1, 2)
         return apply_rope_any(q, cos, sin, two_d), apply_rope_any(k, cos, sin, two_d), v
     return _RotaryQKV.apply(qkv, cos, sin, 2 if two_d else 1)
