@@ -117,6 +117,19 @@ def test_fused_rotary_qkv_matches_the_plain_formula(two_d, dtype):
         torch.testing.assert_close(grads[1], grads[0], **tol)
 
 
+def test_compiled_rotary_qkv_keeps_the_eager_layouts():
+    """Under torch.compile rotary_qkv is the plain formula; q, k and v must reach the attention kernel
+    (opaque to Dynamo) with eager's strides: a strided v slowed cuDNN's attention on an H200."""
+    b, s, h, d = 2, 12, 3, 16
+    cos, sin = rope_tables(torch.arange(s).expand(b, s), d, 1e4, False, torch.float32)
+    qkv = torch.randn(b, s, 3, h, d)
+    eager = rotary_qkv(qkv, cos, sin, False)
+    compiled = torch.compile(lambda x: rotary_qkv(x, cos, sin, False), fullgraph=True)(qkv)
+    for e, c in zip(eager, compiled, strict=True):
+        assert c.stride() == e.stride() and c.shape == e.shape
+        torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_geglu_is_bitwise_the_plain_formula(dtype):
     """The MLP's GeGLU writes both gradient halves in place; same ops, so the same bits as autograd's
