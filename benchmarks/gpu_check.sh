@@ -111,6 +111,25 @@ mfu() {
     return "$rc"
 }
 
+# first_fit TEMPLATE CAP "MICRO_BATCHES" ARGS...: mfu runs, MB in TEMPLATE replaced by the micro-batch,
+# from the first micro-batch on until one fits (exit 3, out of memory: the next; anything else stops);
+# FIT and FIT_NAME then name the run that fitted (empty if none did).
+first_fit() {
+    local tmpl=$1 cap=$2 mbs=$3 mb rc
+    shift 3
+    FIT="" FIT_NAME=""
+    for mb in $mbs; do
+        mfu "${tmpl//MB/$mb}" "$mb" "$cap" "$@"
+        rc=$?
+        if [ "$rc" = 0 ]; then
+            FIT=$mb FIT_NAME=${tmpl//MB/$mb}
+            return 0
+        fi
+        [ "$rc" != 3 ] && return "$rc"
+    done
+    return 3
+}
+
 pytest_rc=1
 mb_ok=""
 if [ "$env_rc" = 0 ]; then
@@ -125,16 +144,8 @@ if [ "$env_rc" = 0 ]; then
     #   nodropout_mbN the same without dropout (the preset's 0.1 costs a pass per dropout site)
     #   compile      torch.compile at micro-batch 8, last: the slowest to build and not the faster
     echo "== 2. MFU of glm-1b, bf16 ($((BUDGET_S - SECONDS)) s of budget left)"
-    for mb in $MICRO_BATCHES; do
-        mfu default "$mb" 150 --profile-top 25
-        rc=$?
-        if [ "$rc" = 0 ]; then
-            mb_ok=$mb
-            break
-        elif [ "$rc" != 3 ]; then  # 3: out of memory, retry smaller; anything else: stop
-            break
-        fi
-    done
+    first_fit default 150 "$MICRO_BATCHES" --profile-top 25
+    mb_ok=$FIT
     if [ -n "$mb_ok" ]; then
         mfu masked "$mb_ok" 120 --attention-impl sdpa
     fi
@@ -146,25 +157,14 @@ if [ "$env_rc" = 0 ]; then
     note "pytest: exit $pytest_rc"
 
     if [ -n "$mb_ok" ]; then
-        mb_big=""
+        bigger=""
         for mb in $BIG_MICRO_BATCHES; do
-            [ "$mb" -le "$mb_ok" ] && break
-            mfu "default_mb$mb" "$mb" 120
-            rc=$?
-            if [ "$rc" = 0 ]; then
-                mb_big=$mb
-                break
-            elif [ "$rc" != 3 ]; then
-                break
-            fi
+            [ "$mb" -gt "$mb_ok" ] && bigger="$bigger $mb"
         done
-        mb_big=${mb_big:-$mb_ok}
+        first_fit default_mbMB 120 "$bigger"
+        mb_big=${FIT:-$mb_ok}
         # The headline figure: the defaults (the preset's dropout included) at the largest micro-batch.
-        if [ "$mb_big" = "$mb_ok" ]; then
-            cp "$OUT/gpu_mfu_default.json" "$OUT/gpu_mfu.json"
-        else
-            cp "$OUT/gpu_mfu_default_mb$mb_big.json" "$OUT/gpu_mfu.json"
-        fi
+        cp "$OUT/gpu_mfu_${FIT_NAME:-default}.json" "$OUT/gpu_mfu.json"
         mfu "nodropout_mb$mb_big" "$mb_big" 120 --dropout 0
         mfu compile "$mb_ok" 200 --compile
     fi

@@ -235,9 +235,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
-    from glm_train.config import AttentionImpl
+    from glm_train.config import AttentionImpl, OptimizerImpl
     from glm_train.model.embedding import GLMEmbedding
-    from glm_train.train.engine import build_engine
+    from glm_train.train.engine import build_engine, fused_adamw
     from glm_train.train.flops import hardware_flops_per_token, model_flops_per_token, recomputed_blocks
 
     cuda = args.device == "cuda"
@@ -268,8 +268,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "selective_recompute": args.selective,
         "compile": args.compile,
         "optimizer_impl": args.optimizer_impl,
-        # What the engine builds (train/engine.py): auto is fused on CUDA.
-        "adamw": "fused" if args.optimizer_impl == "auto" and cuda else args.optimizer_impl,
+        "adamw": "fused" if fused_adamw(OptimizerImpl(args.optimizer_impl)) else args.optimizer_impl,
         "warmup_steps": args.warmup,
         "timed_steps": args.steps,
         "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),

@@ -180,10 +180,9 @@ def cpu_description() -> str:
                 break
     except OSError:
         pass
-    from glm_train.model.attention import cpu_attention_upcasts
+    from glm_train.model.attention import cpu_has_amx_bf16
 
-    amx = not cpu_attention_upcasts(torch.bfloat16)
-    return f"{name}, {'AMX bf16' if amx else 'no native bf16 matmul'}"
+    return f"{name}, {'AMX bf16' if cpu_has_amx_bf16() else 'no native bf16 matmul'}"
 
 
 def build_ours(precision: str, layers: int = LAYERS, hidden: int = HIDDEN, heads: int = HEADS, seq: int = SEQ,

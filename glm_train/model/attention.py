@@ -17,7 +17,8 @@ from glm_train.parallel.state import tp_world_size
 
 
 @functools.cache
-def _cpu_has_amx_bf16() -> bool:
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AMX tiles)."""
     try:
         return bool(torch.cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):  # a private API: absent means no evidence of AMX
@@ -30,7 +31,7 @@ def cpu_attention_upcasts(dtype: torch.dtype) -> bool:
     in fp32 (2 cores, 8x8x512x64 with the prefix mask, forward + backward: 175 against 105 ms, the
     casts included); with AMX it is the faster one (57 against 83 ms). fp16 always upcasts."""
     if dtype == torch.bfloat16:
-        return not _cpu_has_amx_bf16()
+        return not cpu_has_amx_bf16()
     return dtype == torch.float16
 
 

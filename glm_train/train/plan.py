@@ -381,18 +381,17 @@ def plan(cfg: GLMConfig, world_size: int, device: str = "gpu") -> dict[str, Any]
         grads_live = micro_per_pipe > inflight
         # A recomputed chunk's output stays alive while its backward runs (it is what backward starts from).
         backward = working + (chunk * per_layer + sbh_w if chunk else 0.0)
-        if not grads_live and blocks:
-            # The first backward of the step makes the gradients block by block while it frees that
-            # micro-batch's activations: where a block's gradient outweighs what it frees (recomputation
-            # keeps little), memory grows until the last block.
-            block_grad = block_params(m) / tp * w  # the first gradients stay in the model's dtype
-            backward += max(0.0, (blocks - 1) * (block_grad - in_blocks / blocks))
-            if last:
+        # Gradient bytes a block adds during the backward at the activation peak, while that backward
+        # frees the block's activations: where they outweigh what it frees (recomputation keeps
+        # little), memory grows until the last block.
+        block_grad = 0.0
+        if not grads_live:  # the step's first backward makes the gradients, in the model's dtype
+            block_grad = block_params(m) / tp * w
+            if last and blocks:
                 backward += vocab * h / tp * w  # the tied head's gradient, made by the loss's backward
-        elif early_grads is not None and blocks:
-            # The second backward turns each block's sums into FP32 (2 more bytes per parameter in
-            # bf16/fp16) as it frees that block's activations: the same growth, by the conversion.
+        elif early_grads is not None:  # the second backward turns each block's sums into FP32
             block_grad = block_params(m) / tp * (4 - w)
+        if block_grad and blocks:
             backward += max(0.0, (blocks - 1) * (block_grad - in_blocks / blocks))
         logits = head_bytes(cfg) if last else 0.0
         stages.append(StageMemory(i, params, params * w, grads, optim, stored * inflight, logits, backward,
