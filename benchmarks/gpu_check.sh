@@ -9,14 +9,15 @@
 # that a run cut short has answered the main questions first:
 #   0. environment: nvidia-smi -L, versions, `import deepspeed, hydra, omegaconf, glm_train`
 #   2. python3 benchmarks/gpu_mfu.py: MFU of the ~1B GLM (configs/model/glm-1b.yaml) in bf16 with
-#      the GPU defaults, micro-batch 8 (4, 2, 1 after an out-of-memory); the masked SDPA kernel
+#      the GPU defaults at the largest micro-batch that fits (24, 16, 8, 4, 2, 1), then the same
+#      with torch.compile, both with a kernel profile of one extra step
 #   1. python3 -m pytest -q -m gpu tests/test_gpu.py   (forward bf16/fp32 vs CPU, SDPA vs eager,
 #      bf16 ZeRO-1 training + checkpoint + resume, fp32 GPU vs CPU training)
-#   2'. the defaults at the largest micro-batch that fits (24, 16), the same without dropout, and
-#      torch.compile
+#   2'. without dropout (compiled and eager), compiled at micro-batch 8, the masked SDPA kernel
 #   3. python3 benchmarks/plan_check.py: glm-plan's memory estimate against measured peaks
 # Logs and JSON go to $OUT (default /tmp/gpu_out); a summary table is printed at the end.
 # Dry run without a GPU: PYTHON=.venv/bin/python GLM_GPU_TESTS_ON_CPU=1 GPU_MFU_MICRO_BATCHES=2 \
+#   GPU_MFU_BIG_MICRO_BATCHES= \
 #   GPU_MFU_ARGS="--device cpu --layers 2 --hidden 128 --heads 4 --seq 128 --steps 3 --warmup 1" \
 #   bash benchmarks/gpu_check.sh
 set -u
@@ -27,7 +28,7 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-510}"   # all sections together; give the caller's timeout 30 s more
 MICRO_BATCHES="${GPU_MFU_MICRO_BATCHES:-8 4 2 1}"
-BIG_MICRO_BATCHES="${GPU_MFU_BIG_MICRO_BATCHES:-24 16}"  # tried largest first, above the one that fitted
+BIG_MICRO_BATCHES="${GPU_MFU_BIG_MICRO_BATCHES-24 16}"  # tried first, largest first (139 GiB fits 24, 80 GiB 8)
 # 5 untimed steps (torch.compile compiles in the first) and 12 timed: step times vary by < 1% on a GPU.
 MFU_ARGS="${GPU_MFU_ARGS:---warmup 5 --steps 12}"  # "--device cpu --layers 2 ..." for a dry run
 export PYTHONPATH="$PWD/.gpudeps/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -134,20 +135,20 @@ pytest_rc=1
 mb_ok=""
 if [ "$env_rc" = 0 ]; then
     # The variants in order of what they decide, so that a run cut short still answers the main
-    # question. Measured on one H200 (docs/performance.md): split attention +5.6% tokens/s over the
-    # masked kernel, fused AdamW +2.5%, micro-batch 16 -> 24 +2%, torch.compile -1% (its attention
-    # kernels ran slower), dropout 0.1 -> 0 +8%.
-    #   default      the defaults on a GPU (auto: split attention, fused AdamW) at micro-batch 8, or
-    #                4, 2, 1 after an out-of-memory, with a kernel profile of one more step
-    #   masked       the boolean-mask SDPA kernel, everything else the same
-    #   default_mbN  the defaults at the largest of 24 and 16 that fits (the MFU figure)
-    #   nodropout_mbN the same without dropout (the preset's 0.1 costs a pass per dropout site)
-    #   compile      torch.compile at micro-batch 8, last: the slowest to build and not the faster
+    # questions. Measured on one H200 (docs/performance.md): split attention +5.6% tokens/s over the
+    # masked kernel, fused AdamW +2.5%, micro-batch 16 -> 24 +2%, dropout 0.1 -> 0 +8%.
+    #   default_mbN   the defaults on a GPU (auto: split attention, fused AdamW) at the largest
+    #                 micro-batch that fits (24, 16, 8, 4, 2, 1), with a kernel profile of one more
+    #                 step: the headline MFU figure
+    #   compile_mbN   the same with torch.compile (train.compile=true), profiled likewise
+    #   nodropout_..  both without dropout (the preset's 0.1 costs a pass per dropout site)
+    #   masked_mbN    the boolean-mask SDPA kernel instead of split attention, eager
     echo "== 2. MFU of glm-1b, bf16 ($((BUDGET_S - SECONDS)) s of budget left)"
-    first_fit default 150 "$MICRO_BATCHES" --profile-top 25
+    first_fit default_mbMB 150 "$BIG_MICRO_BATCHES $MICRO_BATCHES" --profile-top 25
     mb_ok=$FIT
     if [ -n "$mb_ok" ]; then
-        mfu masked "$mb_ok" 120 --attention-impl sdpa
+        cp "$OUT/gpu_mfu_$FIT_NAME.json" "$OUT/gpu_mfu.json"
+        mfu "compile_mb$mb_ok" "$mb_ok" 200 --compile --profile-top 25
     fi
 
     echo "== 1. GPU tests ($((BUDGET_S - SECONDS)) s of budget left)"
@@ -157,16 +158,11 @@ if [ "$env_rc" = 0 ]; then
     note "pytest: exit $pytest_rc"
 
     if [ -n "$mb_ok" ]; then
-        bigger=""
-        for mb in $BIG_MICRO_BATCHES; do
-            [ "$mb" -gt "$mb_ok" ] && bigger="$bigger $mb"
-        done
-        first_fit default_mbMB 120 "$bigger"
-        mb_big=${FIT:-$mb_ok}
-        # The headline figure: the defaults (the preset's dropout included) at the largest micro-batch.
-        cp "$OUT/gpu_mfu_${FIT_NAME:-default}.json" "$OUT/gpu_mfu.json"
-        mfu "nodropout_mb$mb_big" "$mb_big" 120 --dropout 0
-        mfu compile "$mb_ok" 200 --compile
+        mfu "nodropout_compile_mb$mb_ok" "$mb_ok" 200 --compile --dropout 0
+        mfu "nodropout_mb$mb_ok" "$mb_ok" 120 --dropout 0
+        # What an 80 GB H100 holds without recomputation, compiled.
+        [ "$mb_ok" -gt 8 ] && mfu compile_mb8 8 150 --compile
+        mfu "masked_mb$mb_ok" "$mb_ok" 120 --attention-impl sdpa
     fi
 
     echo "== 3. glm-plan against measured peak memory ($((BUDGET_S - SECONDS)) s of budget left)"
@@ -244,6 +240,11 @@ if ok:
         print(f"headline (the defaults at micro-batch {h['micro_batch']}): {h['tokens_per_s']:.0f} tokens/s, "
               f"{h['model_tflops']:.1f} TFLOP/s, MFU {h['model_tflops'] / top:.1%} of the highest measured "
               f"peak, {h['mfu_vs_datasheet'] or 0:.1%} of the datasheet")
+        for n, r in ok:
+            if n == f"compile_mb{h['micro_batch']}":
+                print(f"with train.compile=true: {r['tokens_per_s']:.0f} tokens/s, {r['model_tflops']:.1f} TFLOP/s, "
+                      f"MFU {r['model_tflops'] / top:.1%} of the highest measured peak "
+                      f"({r['tokens_per_s'] / h['tokens_per_s'] - 1:+.1%} tokens/s)")
 for n, r in runs:
     if r.get("status") != "ok":
         print(f"MFU {n}: {r.get('status')} at micro-batch {r.get('micro_batch')}: {str(r.get('error'))[:300]}")
