@@ -7,8 +7,14 @@ compiler or ninja is ever needed (../shared/DEEPSPEED_CPU_NOTES.md).
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 import socket
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
 
 
 def _free_port() -> int:
@@ -21,6 +27,23 @@ def has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of returning it to the OS.
+
+    By default every block over 32 MiB is its own mmap, unmapped when freed, so a training step's
+    large tensors (logits, ZeRO's flat buffers) are faulted in afresh, page by page, every step. On
+    the AMX machines of these sessions (about 10 us a page fault) that cost a fifth of a toy step:
+    benchmarks/throughput.py, bf16, 2085 -> 2580 tokens/s, the plain loops faster too
+    (docs/performance.md). Large blocks then come from the heap, which is never trimmed: resident
+    memory stays at the run's peak, which a training process reaches every step anyway. Returns
+    whether it applied (glibc only; GLM_CPU_MALLOC_KEEP=0 turns it off).
+    """
+    if os.environ.get("GLM_CPU_MALLOC_KEEP", "1") == "0" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def setup_environment() -> str:
@@ -45,6 +68,7 @@ def setup_environment() -> str:
         # Before any group, RNG or tensor touches the GPU: rank-local state lives on its own device.
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     if not cuda:
+        keep_freed_memory()
         # Several ranks on few cores: oversubscription slows everything by an order of magnitude.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
         if "OMP_NUM_THREADS" not in os.environ or local > 1:
