@@ -240,11 +240,11 @@ if ok:
         print(f"headline (the defaults at micro-batch {h['micro_batch']}): {h['tokens_per_s']:.0f} tokens/s, "
               f"{h['model_tflops']:.1f} TFLOP/s, MFU {h['model_tflops'] / top:.1%} of the highest measured "
               f"peak, {h['mfu_vs_datasheet'] or 0:.1%} of the datasheet")
-        for n, r in ok:
-            if n == f"compile_mb{h['micro_batch']}":
-                print(f"with train.compile=true: {r['tokens_per_s']:.0f} tokens/s, {r['model_tflops']:.1f} TFLOP/s, "
-                      f"MFU {r['model_tflops'] / top:.1%} of the highest measured peak "
-                      f"({r['tokens_per_s'] / h['tokens_per_s'] - 1:+.1%} tokens/s)")
+        c = dict(ok).get(f"compile_mb{h['micro_batch']}")
+        if c:
+            print(f"with train.compile=true: {c['tokens_per_s']:.0f} tokens/s, {c['model_tflops']:.1f} TFLOP/s, "
+                  f"MFU {c['model_tflops'] / top:.1%} of the highest measured peak "
+                  f"({c['tokens_per_s'] / h['tokens_per_s'] - 1:+.1%} tokens/s)")
 for n, r in runs:
     if r.get("status") != "ok":
         print(f"MFU {n}: {r.get('status')} at micro-batch {r.get('micro_batch')}: {str(r.get('error'))[:300]}")

@@ -12,9 +12,10 @@ import os
 import platform
 import socket
 
-# glibc's mallopt parameters (malloc.h).
+# glibc's mallopt parameters (malloc.h), and the largest trim threshold its int argument takes.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
+_NEVER_TRIM = 2**31 - 1
 
 
 def _free_port() -> int:
@@ -43,7 +44,7 @@ def keep_freed_memory() -> bool:
     if os.environ.get("GLM_CPU_MALLOC_KEEP", "1") == "0" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(None)
-    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
 
 
 def setup_environment() -> str:
