@@ -171,7 +171,7 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
 
 
 def cpu_description() -> str:
-    """The CPU's model name and whether it multiplies bf16 natively (AMX): bf16 figures depend on it."""
+    """The CPU's model name and its native bf16 instructions (AMX, AVX512-BF16): bf16 figures depend on them."""
     name = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -180,9 +180,10 @@ def cpu_description() -> str:
                 break
     except OSError:
         pass
-    from glm_train.model.attention import cpu_has_amx_bf16
+    from glm_train.model.attention import cpu_bf16_isa
 
-    return f"{name}, {'AMX bf16' if cpu_has_amx_bf16() else 'no native bf16 matmul'}"
+    isa = cpu_bf16_isa()
+    return f"{name}, {'bf16 through ' + isa.upper() if isa else 'no native bf16 dot products'}"
 
 
 def build_ours(precision: str, layers: int = LAYERS, hidden: int = HIDDEN, heads: int = HEADS, seq: int = SEQ,

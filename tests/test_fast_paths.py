@@ -100,7 +100,7 @@ def test_auto_attention_is_split_on_gpus_and_sdpa_elsewhere():
 
 @pytest.mark.parametrize("upcast", [True, False], ids=["fp32_kernel", "bf16_kernel"])
 def test_bf16_cpu_attention_either_kernel_matches_fp32(upcast, monkeypatch):
-    """Both CPU paths of bf16 attention (FP32 kernel without AMX, bf16 kernel with it; the machine
+    """Both CPU paths of bf16 attention (FP32 kernel without native bf16, bf16 kernel with it; the machine
     picks one) agree with the fp32 model to bf16 rounding, in values and gradients."""
     import glm_train.model.attention as attention
     from glm_train.model.glm import GLMModel

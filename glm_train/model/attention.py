@@ -17,21 +17,28 @@ from glm_train.parallel.state import tp_world_size
 
 
 @functools.cache
-def cpu_has_amx_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AMX tiles)."""
-    try:
-        return bool(torch.cpu._is_amx_tile_supported())
-    except (AttributeError, RuntimeError):  # a private API: absent means no evidence of AMX
-        return False
+def cpu_bf16_isa() -> str | None:
+    """The CPU's native bf16 dot-product instructions, as PyTorch's kernels see them: ``"amx"`` (AMX
+    tiles), ``"avx512_bf16"`` (VDPBF16PS: Cooper Lake, Zen 4), or None (bf16 converted to FP32)."""
+    probes = (("amx", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported"))
+    for name, probe in probes:
+        try:
+            if bool(getattr(torch.cpu, probe)()):
+                return name
+        except (AttributeError, RuntimeError):  # private APIs: absent means no evidence of support
+            continue
+    return None
 
 
 def cpu_attention_upcasts(dtype: torch.dtype) -> bool:
     """Whether half-precision attention on this CPU runs in FP32 (``SelfAttention``): yes, unless the
-    CPU multiplies bf16 natively (AMX). Without AMX, PyTorch's CPU flash kernel is slower in bf16 than
-    in fp32 (2 cores, 8x8x512x64 with the prefix mask, forward + backward: 175 against 105 ms, the
-    casts included); with AMX it is the faster one (57 against 83 ms). fp16 always upcasts."""
+    CPU has native bf16 dot products (:func:`cpu_bf16_isa`). Without them, PyTorch's CPU flash kernel
+    is slower in bf16 than in fp32 (2 cores, 8x8x512x64 with the prefix mask, forward + backward: 175
+    against 105 ms, the casts included); with AMX the bf16 kernel is the faster one (57 against 83
+    ms), with AVX512-BF16 too (Zen 4: 118 against 140 ms, medians of 22 alternating calls). fp16
+    always upcasts."""
     if dtype == torch.bfloat16:
-        return not cpu_has_amx_bf16()
+        return cpu_bf16_isa() is None
     return dtype == torch.float16
 
 
@@ -135,7 +142,7 @@ class SelfAttention(nn.Module):
             return self._eager(q, k, v, mask, p)
         dtype = q.dtype
         if q.device.type == "cpu" and cpu_attention_upcasts(dtype):
-            # The faster CPU kernel where the CPU has no native bf16 matmul, and fp32 only adds
+            # The faster CPU kernel where the CPU has no native bf16 dot products, and fp32 only adds
             # precision; GPUs keep the half-precision kernels.
             q, k, v = q.float(), k.float(), v.float()
         if mask.dtype != torch.bool:  # Part-A lengths: the split kernel (mask.attention_mask)

@@ -175,10 +175,11 @@ def _attention_terms(cfg: GLMConfig, device: str, recompute: bool) -> tuple[floa
     math_path = device == "cpu" and m.attention_dropout > 0  # CPU's fused SDPA has no dropout
     lse = 4 * m.heads / m.hidden  # the kernel's FP32 logsumexp [b, H, s]
     if device == "cpu" and w == 2 and impl != AttentionImpl.eager and not math_path and _cpu_upcasts(cfg):
-        # CPU runs half-precision attention in FP32 unless it has AMX (model/attention.py:
-        # cpu_attention_upcasts, judged on the CPU this runs on): the kernel keeps FP32 copies of
-        # q, k, v and its FP32 output (split: plus the Part-A call's), the dense layer the cast back.
-        # The rotated half-precision q, k and the QKV output are not kept; SDPA's additive mask is FP32.
+        # CPU runs half-precision attention in FP32 unless it has native bf16 dot products (AMX,
+        # AVX512-BF16: model/attention.py's cpu_attention_upcasts, judged on the CPU this runs on):
+        # the kernel keeps FP32 copies of q, k, v and its FP32 output (split: plus the Part-A
+        # call's), the dense layer the cast back. The rotated half-precision q, k and the QKV
+        # output are not kept; SDPA's additive mask is FP32.
         if impl == AttentionImpl.split:
             return 16 + 4 * part_a + w + (2 - SCORED_FRACTION) * lse, 0, 0
         return 16 + w + lse, 4, 0
