@@ -6,13 +6,14 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from glm_train.config import ModelConfig
 from glm_train.model import GLMModel
 from glm_train.model.deepnorm import deepnorm_constants
 from glm_train.model.embedding import shrink_gradient
 from glm_train.model.mask import prefix_lm_mask
-from glm_train.model.mlp import geglu, geglu_plain
+from glm_train.model.mlp import GeGLU, _GeGLUHalves, geglu, geglu_plain
 from glm_train.model.rope import apply_rope, apply_rope_any, rope_cos_sin, rope_tables, rotary_qkv
 
 V = 256
@@ -145,6 +146,43 @@ def test_fused_geglu_is_bitwise_the_plain_formula(dtype):
         outs.append(y.detach())
         grads.append(x.grad)
     assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["kept", "recomputed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_geglu_halves_match_the_fused_projection(dtype, recompute):
+    """On CPU the MLP computes gate and up as two contiguous matmuls (_GeGLUHalves); against the
+    fused projection followed by the plain formula, in values and in the gradients of the input,
+    the fused weight (both row blocks) and the bias, with and without selective recomputation."""
+    cfg = ModelConfig(hidden=64, heads=4, layers=2, seq_length=16, vocab_size=V)
+    mlp = GeGLU(cfg, 0, 0.5, seed=3, recompute=recompute).to(dtype)
+    with torch.no_grad():
+        mlp.dense_in.bias.normal_()  # zero at init: make its gradient path matter
+    x0 = torch.randn(2, 16, 64, dtype=dtype)
+    grad_out = torch.randn(2, 16, 64, dtype=dtype)
+    results = []
+    for halves in (True, False):
+        x = x0.clone().requires_grad_()
+        mlp.zero_grad()
+        if halves:
+            y = mlp(x)
+        else:
+            y = mlp.dense_out(geglu_plain(F.linear(x, mlp.dense_in.weight, mlp.dense_in.bias)))
+        y.backward(grad_out)
+        results.append([y.detach(), x.grad, mlp.dense_in.weight.grad.clone(), mlp.dense_in.bias.grad.clone()])
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, **tol)
+    # Without a bias: the same function minus the additions.
+    x = x0.float().requires_grad_()
+    w = (0.1 * torch.randn(2 * cfg.ffn_size(), 64)).requires_grad_()
+    y = _GeGLUHalves.apply(x, w, None, recompute)
+    y.sum().backward()
+    xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    yr = geglu_plain(F.linear(xr, wr))
+    yr.sum().backward()
+    for got, want in ((y, yr), (x.grad, xr.grad), (w.grad, wr.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", ["glm130b", "deepnet"])

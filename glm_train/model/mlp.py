@@ -8,6 +8,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from glm_train.config import ModelConfig
+from glm_train.parallel.comm import copy_to_tp
 from glm_train.parallel.layers import ColumnParallelLinear, RowParallelLinear, xavier_normal_init
 
 
@@ -27,6 +28,9 @@ class GeGLU(nn.Module):
                                            key=prefix + ".dense_out")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _split_halves(x, self.dense_in.weight):
+            w, b = self.dense_in.weight, self.dense_in.bias
+            return self.dense_out(_GeGLUHalves.apply(copy_to_tp(x), w, b, self.recompute))
         h = self.dense_in(x)
         if self.recompute and torch.is_grad_enabled():
             # Selective recomputation: keep the projection output, rebuild gelu(gate) in backward.
@@ -73,3 +77,56 @@ def geglu(h: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return geglu_plain(h)
     return _GeGLU.apply(h)
+
+
+def _split_halves(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :class:`_GeGLUHalves` runs: on CPU, eager, without autocast (whose casts F.linear makes)."""
+    return (x.device.type == "cpu" and x.dtype == weight.dtype and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled("cpu"))
+
+
+class _GeGLUHalves(torch.autograd.Function):
+    """``gelu(x W_gate^T + b_gate) * (x W_up^T + b_up)`` with gate and up computed as separate tensors.
+
+    On CPU, element-wise kernels on a half of the fused [B*S, 2f] projection (a strided view) run at
+    about half the speed they reach on a contiguous tensor (bf16, 8x512x1408, 2 cores: gelu 3.6 against
+    1.6 ms, its backward 5.1 against 3.0 ms). Two matmuls on the two row blocks of the fused weight give
+    contiguous gate and up at the same FLOPs; backward writes the weight's gradient block by block.
+    Same parameters, same layout (TP shards stay ``interleave=2``), same saved memory: x, gate, up and,
+    unless ``recompute`` (selective recomputation rebuilds it), gelu(gate).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, recompute):  # type: ignore[override]
+        f = weight.shape[0] // 2
+        x2 = x.reshape(-1, x.shape[-1])
+        gate, up = (torch.addmm(bias[i * f:(i + 1) * f], x2, weight[i * f:(i + 1) * f].t()) if bias is not None
+                    else torch.mm(x2, weight[i * f:(i + 1) * f].t()) for i in (0, 1))
+        act = F.gelu(gate)
+        ctx.save_for_backward(x, weight, gate, up, None if recompute else act)
+        ctx.has_bias = bias is not None
+        return (act * up).view(*x.shape[:-1], f)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, weight, gate, up, act = ctx.saved_tensors
+        f = weight.shape[0] // 2
+        x2, g = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, f)
+        if act is None:
+            act = F.gelu(gate)
+        grad_gate = torch.ops.aten.gelu_backward(g * up, gate)
+        grad_up = g * act
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(grad_gate, weight[:f])
+            # addmm with out=, not addmm_: the same kernel, and torch's FLOP counter sees it.
+            grad_x = torch.addmm(grad_x, grad_up, weight[f:], out=grad_x).view_as(x)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.empty_like(weight)
+            torch.mm(grad_gate.t(), x2, out=grad_w[:f])
+            torch.mm(grad_up.t(), x2, out=grad_w[f:])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = weight.new_empty(2 * f)
+            torch.sum(grad_gate, 0, out=grad_b[:f])
+            torch.sum(grad_up, 0, out=grad_b[f:])
+        return grad_x, grad_w, grad_b, None
