@@ -28,9 +28,9 @@ class GeGLU(nn.Module):
                                            key=prefix + ".dense_out")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _split_halves(x, self.dense_in.weight):
-            w, b = self.dense_in.weight, self.dense_in.bias
-            return self.dense_out(_GeGLUHalves.apply(copy_to_tp(x), w, b, self.recompute))
+        w = getattr(self.dense_in, "weight", None)  # none once quantized (infer/quant.py)
+        if isinstance(w, nn.Parameter) and _split_halves(x, w):
+            return self.dense_out(_GeGLUHalves.apply(copy_to_tp(x), w, self.dense_in.bias, self.recompute))
         h = self.dense_in(x)
         if self.recompute and torch.is_grad_enabled():
             # Selective recomputation: keep the projection output, rebuild gelu(gate) in backward.
