@@ -98,35 +98,34 @@ class _GeGLUHalves(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, recompute):  # type: ignore[override]
-        f = weight.shape[0] // 2
         x2 = x.reshape(-1, x.shape[-1])
-        gate, up = (torch.addmm(bias[i * f:(i + 1) * f], x2, weight[i * f:(i + 1) * f].t()) if bias is not None
-                    else torch.mm(x2, weight[i * f:(i + 1) * f].t()) for i in (0, 1))
+        biases = bias.chunk(2) if bias is not None else (None, None)
+        gate, up = (torch.mm(x2, w.t()) if b is None else torch.addmm(b, x2, w.t())
+                    for w, b in zip(weight.chunk(2), biases, strict=True))
         act = F.gelu(gate)
         ctx.save_for_backward(x, weight, gate, up, None if recompute else act)
-        ctx.has_bias = bias is not None
-        return (act * up).view(*x.shape[:-1], f)
+        return (act * up).view(*x.shape[:-1], gate.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         x, weight, gate, up, act = ctx.saved_tensors
-        f = weight.shape[0] // 2
-        x2, g = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, f)
+        w_gate, w_up = weight.chunk(2)
+        x2, g = x.reshape(-1, x.shape[-1]), grad_out.reshape(gate.shape)
         if act is None:
             act = F.gelu(gate)
         grad_gate = torch.ops.aten.gelu_backward(g * up, gate)
         grad_up = g * act
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(grad_gate, weight[:f])
+            grad_x = torch.mm(grad_gate, w_gate)
             # addmm with out=, not addmm_: the same kernel, and torch's FLOP counter sees it.
-            grad_x = torch.addmm(grad_x, grad_up, weight[f:], out=grad_x).view_as(x)
-        if ctx.needs_input_grad[1]:
+            grad_x = torch.addmm(grad_x, grad_up, w_up, out=grad_x).view_as(x)
+        if ctx.needs_input_grad[1]:  # each row block written in place: no concatenation
             grad_w = torch.empty_like(weight)
-            torch.mm(grad_gate.t(), x2, out=grad_w[:f])
-            torch.mm(grad_up.t(), x2, out=grad_w[f:])
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = weight.new_empty(2 * f)
-            torch.sum(grad_gate, 0, out=grad_b[:f])
-            torch.sum(grad_up, 0, out=grad_b[f:])
+            for block, grad in zip(grad_w.chunk(2), (grad_gate, grad_up), strict=True):
+                torch.mm(grad.t(), x2, out=block)
+        if ctx.needs_input_grad[2]:  # False when there is no bias
+            grad_b = weight.new_empty(weight.shape[0])
+            for block, grad in zip(grad_b.chunk(2), (grad_gate, grad_up), strict=True):
+                torch.sum(grad, 0, out=block)
         return grad_x, grad_w, grad_b, None
