@@ -35,7 +35,7 @@ def _block_step(cfg: ModelConfig, recompute: frozenset[str]) -> tuple[list[torch
     return [y.detach(), x.grad, *[p.grad for p in block.parameters()]], sum(storages.values())
 
 
-@pytest.mark.parametrize("impl", [AttentionImpl.sdpa, AttentionImpl.eager])
+@pytest.mark.parametrize("impl", [AttentionImpl.sdpa, AttentionImpl.eager, AttentionImpl.blocks])
 def test_selective_recompute_is_exact_and_saves_memory(impl):
     cfg = ModelConfig(hidden=64, heads=4, seq_length=32, attention_impl=impl, dropout=0.1, attention_dropout=0.1)
     ref, ref_bytes = _block_step(cfg, frozenset())
@@ -64,38 +64,85 @@ def test_compile_selective_recompute_and_adamw_kernels_match_eager(tiny_data, tm
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=2e-3), (a["step"], a["grad_norm"], b["grad_norm"])
 
 
+@pytest.mark.parametrize("impl", [AttentionImpl.split, AttentionImpl.blocks])
 @pytest.mark.parametrize("prefix", [[0, 5, 13, 24], [9, 9, 9, 9], [24, 24, 24, 24]],
                          ids=["mixed", "one_length", "all_part_a"])
-def test_split_attention_equals_the_masked_kernel(prefix):
-    """The two mask-free calls against one SDPA call with the boolean mask, values and gradients:
-    per sample (no Part A, short, long, everything Part A) and batched (one length for all)."""
+def test_length_kernels_equal_the_masked_kernel(prefix, impl):
+    """split's two mask-free calls and blocks' per-sample calls against one SDPA call with the boolean
+    mask, values and gradients: per sample (no Part A, short, long, everything Part A) and batched
+    (split: one length for all)."""
     from glm_train.model.glm import GLMModel
 
     grads = {}
     s = 24
     ids = torch.randint(0, 200, (4, s))
     prefix = torch.tensor(prefix)
-    for impl in (AttentionImpl.sdpa, AttentionImpl.split):
-        cfg = ModelConfig(hidden=64, heads=4, layers=2, seq_length=s, vocab_size=256, attention_impl=impl)
+    for kernel in (AttentionImpl.sdpa, impl):
+        cfg = ModelConfig(hidden=64, heads=4, layers=2, seq_length=s, vocab_size=256, attention_impl=kernel)
         model = GLMModel(cfg, seed=3)
         logits = model(ids, prefix_lengths=prefix)
         logits.float().square().mean().backward()
-        grads[impl] = [logits.detach(), *[p.grad for p in model.parameters()]]
-    for a, b in zip(grads[AttentionImpl.sdpa], grads[AttentionImpl.split], strict=True):
+        grads[kernel] = [logits.detach(), *[p.grad for p in model.parameters()]]
+    for a, b in zip(grads[AttentionImpl.sdpa], grads[impl], strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
-def test_auto_attention_is_split_on_gpus_and_sdpa_elsewhere():
+def test_sample_blocks_cover_every_query_once():
+    from glm_train.model.prefix_blocks import sample_blocks
+
+    for s in (1, 24, 256, 257, 600, 1030):
+        for a in sorted({0, 1, s // 3, s - 1, s, s + 5}):
+            blocks = sample_blocks(a, s)
+            assert [q for q0, q1 in blocks for q in range(q0, q1)] == list(range(s)), (a, s)
+            part_b = blocks[1:] if a > 0 else blocks
+            assert all(q1 - q0 <= 256 for q0, q1 in part_b), blocks
+            if 0 < a < s:
+                assert blocks[0] == (0, a)  # Part A alone; Part B's chunks differ by at most one
+                sizes = [q1 - q0 for q0, q1 in blocks[1:]]
+                assert max(sizes) - min(sizes) <= 1, sizes
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "rotary_layout"])
+def test_prefix_blocks_equal_masked_sdpa_over_several_chunks(strided):
+    """The block kernel directly, at a length of three Part-B chunks, against masked SDPA: outputs
+    and the gradients of q, k and v, with q, k, v in [B, H, S, D] or as views of [B, S, H, D]."""
+    import torch.nn.functional as F
+
+    from glm_train.model.mask import prefix_lm_mask
+    from glm_train.model.prefix_blocks import prefix_block_attention
+
+    b, h, s, d = 5, 2, 600, 16
+    prefix = torch.tensor([0, 1, 100, 599, 600])
+    g = torch.Generator().manual_seed(0)
+    shape = (b, s, h, d) if strided else (b, h, s, d)
+    leaves = [torch.randn(shape, generator=g, requires_grad=True) for _ in range(3)]
+    grad_out = torch.randn(b, h, s, d, generator=g)
+    results = []
+    for masked in (True, False):
+        q, k, v = (t.transpose(1, 2) for t in leaves) if strided else leaves
+        out = (F.scaled_dot_product_attention(q, k, v, attn_mask=prefix_lm_mask(prefix, s)) if masked
+               else prefix_block_attention(q, k, v, prefix))
+        out.backward(grad_out)
+        results.append([out.detach(), *[t.grad.clone() for t in leaves]])
+        for t in leaves:
+            t.grad = None
+    for ref, got in zip(*results, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="FP32"):
+        prefix_block_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), prefix)
+
+
+def test_auto_attention_is_split_on_gpus_and_blocks_elsewhere():
     from glm_train.model.mask import attention_mask
 
     auto = AttentionImpl.auto
     assert auto.resolve("cuda") == auto.resolve(torch.device("cuda", 1)) == auto.resolve("gpu") == AttentionImpl.split
-    assert auto.resolve("cpu") == auto.resolve(torch.device("cpu")) == AttentionImpl.sdpa
+    assert auto.resolve("cpu") == auto.resolve(torch.device("cpu")) == AttentionImpl.blocks
     assert AttentionImpl.eager.resolve("cuda") == AttentionImpl.eager  # explicit choices stay
     prefix = torch.tensor([3, 5])
-    mask = attention_mask(prefix, 8, auto)  # on the CPU: the boolean mask of sdpa
-    assert mask.dtype == torch.bool and torch.equal(mask, attention_mask(prefix, 8, AttentionImpl.sdpa))
+    assert attention_mask(prefix, 8, auto) is prefix  # on the CPU: blocks, which takes the lengths
     assert attention_mask(prefix, 8, AttentionImpl.split) is prefix
+    assert attention_mask(prefix, 8, AttentionImpl.sdpa).dtype == torch.bool
 
 
 @pytest.mark.parametrize("upcast", [True, False], ids=["fp32_kernel", "bf16_kernel"])

@@ -33,7 +33,7 @@ def test_mask_matches_definition():
                 assert bool(m[b, 0, i, j]) == (j < prefix or j <= i)
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager", "blocks"])
 def test_part_b_never_changes_part_a(impl):
     model = _model(attention_impl=impl)
     ids = torch.randint(0, V, (1, 20))
@@ -47,7 +47,7 @@ def test_part_b_never_changes_part_a(impl):
     assert not torch.allclose(out[0, 15:], base[0, 15:])
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager", "blocks"])
 def test_part_a_change_reaches_every_position(impl):
     model = _model(attention_impl=impl)
     ids = torch.randint(0, V, (1, 20))

@@ -55,9 +55,10 @@ def _saved_bytes(cfg: GLMConfig) -> int:
     return sum(storages.values())
 
 
-_LAYER_CASES = [(impl, prec, rec, 0.0) for impl in ("sdpa", "eager", "split") for prec in ("fp32", "bf16")
+_IMPLS = ("sdpa", "eager", "split", "blocks")
+_LAYER_CASES = [(impl, prec, rec, 0.0) for impl in _IMPLS for prec in ("fp32", "bf16")
                 for rec in ((), ("attention",), ("geglu",), ("attention", "geglu"))]
-_LAYER_CASES += [(impl, prec, rec, 0.1) for impl in ("sdpa", "eager", "split") for prec in ("fp32", "bf16")
+_LAYER_CASES += [(impl, prec, rec, 0.1) for impl in _IMPLS for prec in ("fp32", "bf16")
                  for rec in ((), ("attention", "geglu"))]
 
 

@@ -10,6 +10,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from glm_train.config import AttentionImpl, ModelConfig, PositionEncoding
+from glm_train.model import prefix_blocks
+from glm_train.model.mask import prefix_lm_mask
 from glm_train.model.rope import rotary_qkv
 from glm_train.parallel.layers import ColumnParallelLinear, RowParallelLinear, xavier_normal_init
 from glm_train.parallel.random import TP_RANDOM
@@ -145,8 +147,12 @@ class SelfAttention(nn.Module):
             # The faster CPU kernel where the CPU has no native bf16 dot products, and fp32 only adds
             # precision; GPUs keep the half-precision kernels.
             q, k, v = q.float(), k.float(), v.float()
-        if mask.dtype != torch.bool:  # Part-A lengths: the split kernel (mask.attention_mask)
-            return split_prefix_attention(q, k, v, mask, p).to(dtype)
+        if mask.dtype != torch.bool:  # Part-A lengths: split or blocks (mask.attention_mask)
+            if self.impl.resolve(q.device) == AttentionImpl.split or q.device.type != "cpu":
+                return split_prefix_attention(q, k, v, mask, p).to(dtype)
+            if p == 0.0 and q.dtype == torch.float32 and prefix_blocks.available():
+                return prefix_blocks.prefix_block_attention(q, k, v, mask).to(dtype)
+            mask = prefix_lm_mask(mask, q.shape[2])  # half precision or dropout: the masked kernel
         # SDPA kernels accumulate the softmax in FP32 whatever the input dtype, which is what
         # query-key layer scaling protects in the eager path.
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p).to(dtype)

@@ -20,9 +20,9 @@ def prefix_lm_mask(prefix_lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 
 def attention_mask(prefix_lengths: torch.Tensor, seq_len: int, impl: AttentionImpl) -> torch.Tensor:
-    """What the attention kernel ``impl`` takes: the Part-A lengths [B] for ``split`` (it needs no
-    [B, 1, S, S] mask), the boolean mask of :func:`prefix_lm_mask` otherwise; ``auto`` is resolved
-    by the device of ``prefix_lengths``."""
-    if AttentionImpl(impl).resolve(prefix_lengths.device) == AttentionImpl.split:
+    """What the attention kernel ``impl`` takes: the Part-A lengths [B] for ``split`` and ``blocks``
+    (they need no [B, 1, S, S] mask), the boolean mask of :func:`prefix_lm_mask` otherwise; ``auto``
+    is resolved by the device of ``prefix_lengths``."""
+    if AttentionImpl(impl).resolve(prefix_lengths.device) in (AttentionImpl.split, AttentionImpl.blocks):
         return prefix_lengths
     return prefix_lm_mask(prefix_lengths, seq_len)

@@ -58,9 +58,14 @@ activations  what autograd keeps of one block for one micro-batch (activation_by
                              on CPU with attention dropout two FP32 math-path calls: A = 12 + 12 (1 - f)
                              + w (fp32: 12 + 8 (1 - f) + 2w, a Part-A view of v keeping v's copy),
                              S = 12 (1 + (1 - f)^2), taking sum(Part A^2) ~ b (1 - f)^2 s^2
+               blocks        (CPU; GPUs run split) the FP32 kernel per sample and query block:
+                             fp32 A = 4w + 4a/h, M = 0 (no mask: one causal table per sequence
+                             length); bf16/fp16 where the CPU upcasts: A = 16 + w + 4a/h, M = 0; other
+                             bf16/fp16 and attention dropout run SDPA's masked kernel (above)
              parallel.selective_recompute drops, per block:
                attention     A = 4w (the QKV output, the checkpoint's input; the context),
-                             M = 1 (the bool mask input; 0 for split), S = 0, whatever the kernel
+                             M = 1 (the bool mask input; 0 for split and blocks), S = 0, whatever the
+                             kernel
                geglu         gelu(gate): 4I w / h becomes 3I w / h
              in-flight: 1F1B keeps min(pp - stage, m) micro-batches on a stage (m micro-batches per
              pipeline); per micro-batch a stage keeps, for each block, all of the above, or with
@@ -169,11 +174,21 @@ def _attention_terms(cfg: GLMConfig, device: str, recompute: bool) -> tuple[floa
     w = _element_bytes(cfg)
     drop_mask = w if device == "cpu" else 1
     impl = AttentionImpl(m.attention_impl).resolve(device)
+    if impl == AttentionImpl.blocks and device != "cpu":
+        impl = AttentionImpl.split  # blocks is a CPU kernel; elsewhere it runs split
     part_a = 1 - SCORED_FRACTION
-    if recompute:  # the split kernel takes Part-A lengths, no [b, 1, s, s] mask
-        return 4 * w, 0 if impl == AttentionImpl.split else 1, 0
+    if recompute:  # split and blocks take Part-A lengths, no [b, 1, s, s] mask
+        return 4 * w, 0 if impl in (AttentionImpl.split, AttentionImpl.blocks) else 1, 0
     math_path = device == "cpu" and m.attention_dropout > 0  # CPU's fused SDPA has no dropout
     lse = 4 * m.heads / m.hidden  # the kernel's FP32 logsumexp [b, H, s]
+    fp32_kernel = w == 4 or (device == "cpu" and impl != AttentionImpl.eager and _cpu_upcasts(cfg))
+    if impl == AttentionImpl.blocks and (math_path or not fp32_kernel):
+        impl = AttentionImpl.sdpa  # blocks hands half precision and dropout to the masked kernel
+    if impl == AttentionImpl.blocks:
+        # model/prefix_blocks.py: FP32 q, k, v and output, logsumexp, no mask (its causal table is
+        # one per sequence length, not per layer); in half precision the FP32 copies of q, k, v and
+        # the output (the half-precision ones are not kept) and the dense layer's cast back.
+        return (4 * w if w == 4 else 16 + w) + lse, 0, 0
     if device == "cpu" and w == 2 and impl != AttentionImpl.eager and not math_path and _cpu_upcasts(cfg):
         # CPU runs half-precision attention in FP32 unless it has native bf16 dot products (AMX,
         # AVX512-BF16: model/attention.py's cpu_attention_upcasts, judged on the CPU this runs on):
