@@ -95,10 +95,11 @@ class ModelConfig:
     rope_base: float = 10000.0
     """RoPE base frequency."""
     attention_impl: AttentionImpl = AttentionImpl.auto
-    """Attention kernel: sdpa (one call with the boolean prefix mask; fastest on CPU), split (two
-    mask-free calls that FlashAttention kernels accept; for GPUs), auto (split on a GPU, sdpa
-    elsewhere) or eager (explicit FP32 softmax with query-key layer scaling, the reference). Decoding
-    with a KV cache always uses the mask."""
+    """Attention kernel: sdpa (one call with the boolean prefix mask), split (two mask-free calls
+    that FlashAttention kernels accept; for GPUs), blocks (CPU: per sample, only the keys each block
+    of queries can see; fastest there in FP32), auto (split on a GPU, blocks elsewhere) or eager
+    (explicit FP32 softmax with query-key layer scaling, the reference). Decoding with a KV cache
+    always uses the mask."""
     init_std: float = 0.02
     """Std of the normal init of the (tied) word embedding."""
 
