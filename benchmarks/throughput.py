@@ -188,7 +188,7 @@ def cpu_description() -> str:
 
 def build_ours(precision: str, layers: int = LAYERS, hidden: int = HIDDEN, heads: int = HEADS, seq: int = SEQ,
                vocab: int = VOCAB, micro: int = MICRO, zero_stage: int = 1, compile: bool = False,
-               selective: tuple[str, ...] = ()):  # noqa: ANN201
+               selective: tuple[str, ...] = (), attention_impl: str = "auto"):  # noqa: ANN201
     """glm_train's DeepSpeed engine for a GLM of this shape (tp=pp=dp=1, ZeRO-1, no dropout)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from glm_train.config import GLMConfig, OptimizerImpl, Precision, validate
@@ -206,6 +206,7 @@ def build_ours(precision: str, layers: int = LAYERS, hidden: int = HIDDEN, heads
     cfg.train.compile = compile
     cfg.train.optimizer_impl = OptimizerImpl.fused
     cfg.parallel.selective_recompute = list(selective)
+    m.attention_impl = attention_impl
     validate(cfg, check_paths=False)
     engine, _ = build_engine(cfg, "gloo")
     return cfg, engine
@@ -221,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile all three: ours through train.compile, the references' blocks directly")
     p.add_argument("--selective", default="", help="ours: parallel.selective_recompute, e.g. attention,geglu")
+    p.add_argument("--attention-impl", default="auto", help="ours: model.attention_impl (auto: blocks on CPU)")
     args = p.parse_args(argv)
     from glm_train.config import ModelConfig
     from glm_train.train.flops import hardware_flops_per_token, model_flops_per_token
@@ -240,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                                           "zero_stage": args.zero_stage, "compile": args.compile,
                                           "steps": args.steps, "rounds": args.rounds,
                                           "selective_recompute": list(selective),
+                                          "attention_impl": args.attention_impl,
                                           "threads": torch.get_num_threads(), "scored_fraction": scored,
                                           "cpu": cpu_description()}
     rows = []
@@ -250,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     peaks = {prec: matmul_peak(torch.bfloat16 if prec == "bf16" else torch.float32) for prec in precisions}
     for prec in precisions:
         dtype = torch.bfloat16 if prec == "bf16" else torch.float32
-        _, engine = build_ours(prec, zero_stage=args.zero_stage, compile=args.compile, selective=selective)
+        _, engine = build_ours(prec, zero_stage=args.zero_stage, compile=args.compile, selective=selective,
+                               attention_impl=args.attention_impl)
         ref = init_like_nanogpt(RefGLM(LAYERS, HIDDEN, HEADS, mcfg.ffn_size(), VOCAB), LAYERS)
         gpt2 = init_like_nanogpt(GPT2(LAYERS, HIDDEN, HEADS, VOCAB, SEQ), LAYERS)
         if args.compile:
