@@ -9,7 +9,7 @@
 # that a run cut short has answered the main questions first:
 #   0. environment: nvidia-smi -L, versions, `import deepspeed, hydra, omegaconf, glm_train`
 #   2. python3 benchmarks/gpu_mfu.py: MFU of the ~1B GLM (configs/model/glm-1b.yaml) in bf16 with
-#      the GPU defaults at the largest micro-batch that fits (24, 16, 8, 4, 2, 1), then the same
+#      the GPU defaults at the largest micro-batch that fits (24, 16, 12, 8, 4, 2, 1), then the same
 #      with torch.compile, both with a kernel profile of one extra step
 #   1. python3 -m pytest -q -m gpu tests/test_gpu.py   (forward bf16/fp32 vs CPU, SDPA vs eager,
 #      bf16 ZeRO-1 training + checkpoint + resume, fp32 GPU vs CPU training)
@@ -28,7 +28,7 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-510}"   # all sections together; give the caller's timeout 30 s more
 MICRO_BATCHES="${GPU_MFU_MICRO_BATCHES:-8 4 2 1}"
-BIG_MICRO_BATCHES="${GPU_MFU_BIG_MICRO_BATCHES-24 16}"  # tried first, largest first (139 GiB fits 24, 80 GiB 8)
+BIG_MICRO_BATCHES="${GPU_MFU_BIG_MICRO_BATCHES-24 16 12}"  # tried first, largest first (139 GiB fits 24; 80 GiB 12 by glm-plan: 76 GiB)
 # 5 untimed steps (torch.compile compiles in the first) and 12 timed: step times vary by < 1% on a GPU.
 MFU_ARGS="${GPU_MFU_ARGS:---warmup 5 --steps 12}"  # "--device cpu --layers 2 ..." for a dry run
 export PYTHONPATH="$PWD/.gpudeps/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -138,7 +138,7 @@ if [ "$env_rc" = 0 ]; then
     # questions. Measured on one H200 (docs/performance.md): split attention +5.6% tokens/s over the
     # masked kernel, fused AdamW +2.5%, micro-batch 16 -> 24 +2%, dropout 0.1 -> 0 +8%.
     #   default_mbN   the defaults on a GPU (auto: split attention, fused AdamW) at the largest
-    #                 micro-batch that fits (24, 16, 8, 4, 2, 1), with a kernel profile of one more
+    #                 micro-batch that fits (24, 16, 12, 8, 4, 2, 1), with a kernel profile of one more
     #                 step: the headline MFU figure
     #   compile_mbN   the same with torch.compile (train.compile=true), profiled likewise
     #   nodropout_..  both without dropout (the preset's 0.1 costs a pass per dropout site)
@@ -160,8 +160,9 @@ if [ "$env_rc" = 0 ]; then
     if [ -n "$mb_ok" ]; then
         mfu "nodropout_compile_mb$mb_ok" "$mb_ok" 200 --compile --dropout 0
         mfu "nodropout_mb$mb_ok" "$mb_ok" 120 --dropout 0
-        # What an 80 GB H100 holds without recomputation, compiled.
-        [ "$mb_ok" -gt 8 ] && mfu compile_mb8 8 150 --compile
+        # What an 80 GB H100 holds without recomputation (glm-plan: 76 GiB eager; the H200 measured
+        # 50 GiB at 8 and 116 at 24, compiled), compiled.
+        [ "$mb_ok" -gt 12 ] && mfu compile_mb12 12 150 --compile
         mfu "masked_mb$mb_ok" "$mb_ok" 120 --attention-impl sdpa
     fi
 
