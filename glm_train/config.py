@@ -45,7 +45,7 @@ class AttentionImpl(str, enum.Enum):
     split = "split"
     # CPU: the masked kernel per sample over only the keys each block of queries can see (Part A
     # alone, Part B in chunks up to its own end: model/prefix_blocks.py), in FP32; the masked kernel
-    # in half precision or with attention dropout; split on GPUs.
+    # in half precision, with attention dropout or with more threads than heads; split on GPUs.
     blocks = "blocks"
     # split where the tensors are on a GPU, blocks elsewhere (on one H200, glm-1b bf16 micro-batch 8:
     # split 5.6% faster than sdpa; on CPU, split is the slower one and blocks the faster, fp32

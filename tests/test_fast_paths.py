@@ -89,6 +89,36 @@ def test_length_kernels_equal_the_masked_kernel(prefix, impl):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
+def test_blocks_hand_more_threads_than_heads_to_the_masked_kernel():
+    """With more threads than heads the per-sample calls would leave threads idle: blocks then makes
+    one masked kernel call, bit for bit sdpa's; with as many threads as heads, one call per Part A
+    and Part-B chunk of each sample (here 1 + 2 + 1), equal to sdpa's to rounding."""
+    from torch.profiler import profile
+
+    from glm_train.model.glm import GLMModel
+
+    ids = torch.randint(0, 200, (3, 40))
+    prefix = torch.tensor([0, 17, 40])
+    threads = torch.get_num_threads()
+    out, calls = {}, {}
+    try:
+        for n in (2, 3):
+            torch.set_num_threads(n)
+            for impl in (AttentionImpl.sdpa, AttentionImpl.blocks):
+                cfg = ModelConfig(hidden=64, heads=2, layers=1, seq_length=40, vocab_size=256, attention_impl=impl)
+                model = GLMModel(cfg, seed=3)
+                with profile() as prof:
+                    out[n, impl] = model(ids, prefix_lengths=prefix).detach()
+                calls[n, impl] = sum(e.count for e in prof.key_averages()
+                                     if e.key == "aten::_scaled_dot_product_flash_attention_for_cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == {(2, AttentionImpl.sdpa): 1, (2, AttentionImpl.blocks): 4,
+                     (3, AttentionImpl.sdpa): 1, (3, AttentionImpl.blocks): 1}, calls
+    assert torch.equal(out[3, AttentionImpl.blocks], out[3, AttentionImpl.sdpa])
+    torch.testing.assert_close(out[2, AttentionImpl.blocks], out[2, AttentionImpl.sdpa], rtol=1e-5, atol=1e-6)
+
+
 def test_sample_blocks_cover_every_query_once():
     from glm_train.model.prefix_blocks import sample_blocks
 

@@ -150,9 +150,10 @@ class SelfAttention(nn.Module):
         if mask.dtype != torch.bool:  # Part-A lengths: split or blocks (mask.attention_mask)
             if self.impl.resolve(q.device) == AttentionImpl.split or q.device.type != "cpu":
                 return split_prefix_attention(q, k, v, mask, p).to(dtype)
-            if p == 0.0 and q.dtype == torch.float32 and prefix_blocks.available():
+            if p == 0.0 and q.dtype == torch.float32 and prefix_blocks.pays_off(q.shape[1]):
                 return prefix_blocks.prefix_block_attention(q, k, v, mask).to(dtype)
-            mask = prefix_lm_mask(mask, q.shape[2])  # half precision or dropout: the masked kernel
+            # Half precision, dropout, or more threads than heads: the masked kernel.
+            mask = prefix_lm_mask(mask, q.shape[2])
         # SDPA kernels accumulate the softmax in FP32 whatever the input dtype, which is what
         # query-key layer scaling protects in the eager path.
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p).to(dtype)

@@ -61,7 +61,8 @@ activations  what autograd keeps of one block for one micro-batch (activation_by
                blocks        (CPU; GPUs run split) the FP32 kernel per sample and query block:
                              fp32 A = 4w + 4a/h, M = 0 (no mask: one causal table per sequence
                              length); bf16/fp16 where the CPU upcasts: A = 16 + w + 4a/h, M = 0; other
-                             bf16/fp16 and attention dropout run SDPA's masked kernel (above)
+                             bf16/fp16, attention dropout and more threads than heads per TP rank
+                             (judged on the planning process) run SDPA's masked kernel (above)
              parallel.selective_recompute drops, per block:
                attention     A = 4w (the QKV output, the checkpoint's input; the context),
                              M = 1 (the bool mask input; 0 for split and blocks), S = 0, whatever the
@@ -168,6 +169,13 @@ def _cpu_upcasts(cfg: GLMConfig) -> bool:
     return cpu_attention_upcasts(torch.float16 if cfg.precision == Precision.fp16 else torch.bfloat16)
 
 
+def _blocks_pay_off(cfg: GLMConfig) -> bool:
+    """model/prefix_blocks.py's choice for this config's heads per TP rank, on this process's threads."""
+    from glm_train.model import prefix_blocks
+
+    return prefix_blocks.pays_off(cfg.model.heads // cfg.parallel.tp)
+
+
 def _attention_terms(cfg: GLMConfig, device: str, recompute: bool) -> tuple[float, float, float]:
     """(A per s*b*h / t, M per b*s*s, S per b*a*s*s / t) of the attention path (module docstring)."""
     m = cfg.model
@@ -182,8 +190,8 @@ def _attention_terms(cfg: GLMConfig, device: str, recompute: bool) -> tuple[floa
     math_path = device == "cpu" and m.attention_dropout > 0  # CPU's fused SDPA has no dropout
     lse = 4 * m.heads / m.hidden  # the kernel's FP32 logsumexp [b, H, s]
     fp32_kernel = w == 4 or (device == "cpu" and impl != AttentionImpl.eager and _cpu_upcasts(cfg))
-    if impl == AttentionImpl.blocks and (math_path or not fp32_kernel):
-        impl = AttentionImpl.sdpa  # blocks hands half precision and dropout to the masked kernel
+    if impl == AttentionImpl.blocks and (math_path or not fp32_kernel or not _blocks_pay_off(cfg)):
+        impl = AttentionImpl.sdpa  # blocks hands these to the masked kernel (model/attention.py)
     if impl == AttentionImpl.blocks:
         # model/prefix_blocks.py: FP32 q, k, v and output, logsumexp, no mask (its causal table is
         # one per sequence length, not per layer); in half precision the FP32 copies of q, k, v and
