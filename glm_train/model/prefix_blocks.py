@@ -41,7 +41,7 @@ def pays_off(heads: int) -> bool:
     The kernel's backward runs one task per (sample, head), so a call for one sample keeps at most
     ``heads`` threads busy, where the masked call over the whole batch keeps all of them busy. With
     more threads than heads the skipped keys no longer pay for the idle threads (2 threads: 1 head
-    28.5 against 18 ms masked, 2 heads 28.5 against 35.6, for 8x512x64 per head, fp32 forward and
+    26.7 against 18.0 ms masked, 2 heads 28.5 against 35.6, for 8x512x64 per head, fp32 forward and
     backward).
     """
     return available() and torch.get_num_threads() <= heads
