@@ -170,6 +170,17 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     return matmul_tflops("bf16" if dtype == torch.bfloat16 else "fp32", n, "cpu", reps)
 
 
+def attention_kernel(impl: str, heads: int) -> str:
+    """The kernel ours runs for fp32 attention on this CPU (model/attention.py's choice)."""
+    from glm_train.config import AttentionImpl
+    from glm_train.model import prefix_blocks
+
+    kernel = AttentionImpl(impl).resolve("cpu")
+    if kernel == AttentionImpl.blocks and not prefix_blocks.pays_off(heads):
+        return "sdpa (blocks: more threads than heads)"
+    return kernel.value
+
+
 def cpu_description() -> str:
     """The CPU's model name and its native bf16 instructions (AMX, AVX512-BF16): bf16 figures depend on them."""
     name = platform.processor() or platform.machine()
@@ -243,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                                           "steps": args.steps, "rounds": args.rounds,
                                           "selective_recompute": list(selective),
                                           "attention_impl": args.attention_impl,
+                                          "attention_kernel": attention_kernel(args.attention_impl, HEADS),
                                           "threads": torch.get_num_threads(), "scored_fraction": scored,
                                           "cpu": cpu_description()}
     rows = []
@@ -334,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         out["mfu_fp32"] = out["fp32"]["mfu"]  # type: ignore[index]
         out["mfu_gpt2_fp32"] = out["fp32"]["mfu_gpt2"]  # type: ignore[index]
         out["ratio_vs_reference_fp32"] = out["fp32"]["ratio_vs_reference"]  # type: ignore[index]
-    print(f"\n{out['config']}, {out['threads']} threads, scored fraction {scored:.3f}; {out['cpu']}")
+    print(f"\n{out['config']}, {out['threads']} threads, scored fraction {scored:.3f}; {out['cpu']}; "
+          f"ours' fp32 attention: {out['attention_kernel']}")
     print(f"{'precision':<10}{'ours tok/s':>11}{'ref tok/s':>10}{'ratio':>7}{'peak TF/s':>10}{'MFU ours':>9}"
           f"{'MFU ref':>8}{'GPT-2 tok/s':>12}{'MFU GPT-2':>10}{'ours/GPT-2':>11}")
     for prec, r in rows:
