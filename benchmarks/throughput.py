@@ -176,7 +176,7 @@ def attention_kernel(impl: str, heads: int) -> str:
     from glm_train.model import prefix_blocks
 
     kernel = AttentionImpl(impl).resolve("cpu")
-    if kernel == AttentionImpl.blocks and not prefix_blocks.pays_off(heads):
+    if kernel == AttentionImpl.blocks and not prefix_blocks.runs(torch.float32, 0.0, heads):
         return "sdpa (blocks: more threads than heads)"
     return kernel.value
 

@@ -148,9 +148,9 @@ class SelfAttention(nn.Module):
             # precision; GPUs keep the half-precision kernels.
             q, k, v = q.float(), k.float(), v.float()
         if mask.dtype != torch.bool:  # Part-A lengths: split or blocks (mask.attention_mask)
-            if self.impl.resolve(q.device) == AttentionImpl.split or q.device.type != "cpu":
+            if q.device.type != "cpu" or self.impl.resolve(q.device) == AttentionImpl.split:
                 return split_prefix_attention(q, k, v, mask, p).to(dtype)
-            if p == 0.0 and q.dtype == torch.float32 and prefix_blocks.pays_off(q.shape[1]):
+            if prefix_blocks.runs(q.dtype, p, q.shape[1]):
                 return prefix_blocks.prefix_block_attention(q, k, v, mask).to(dtype)
             # Half precision, dropout, or more threads than heads: the masked kernel.
             mask = prefix_lm_mask(mask, q.shape[2])

@@ -47,6 +47,13 @@ def pays_off(heads: int) -> bool:
     return available() and torch.get_num_threads() <= heads
 
 
+def runs(dtype: torch.dtype, dropout_p: float, heads: int) -> bool:
+    """Whether ``attention_impl=blocks`` runs this module for attention in ``dtype`` with this dropout
+    and this many heads (per TP rank); where not, the masked kernel does (model/attention.py).
+    FP32 only (see :func:`prefix_block_attention`), no dropout (the CPU kernel has none)."""
+    return dtype == torch.float32 and dropout_p == 0.0 and pays_off(heads)
+
+
 def sample_blocks(prefix: int, seq_len: int, chunk: int = CHUNK) -> list[tuple[int, int]]:
     """(first query, end of queries) of one sample's calls: Part A's if it has one, then Part B's
     chunks, near-equal so that none is left with a handful of queries. A call sees the keys up to

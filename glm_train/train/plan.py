@@ -169,11 +169,14 @@ def _cpu_upcasts(cfg: GLMConfig) -> bool:
     return cpu_attention_upcasts(torch.float16 if cfg.precision == Precision.fp16 else torch.bfloat16)
 
 
-def _blocks_pay_off(cfg: GLMConfig) -> bool:
-    """model/prefix_blocks.py's choice for this config's heads per TP rank, on this process's threads."""
+def _blocks_run(cfg: GLMConfig, fp32_kernel: bool) -> bool:
+    """model/prefix_blocks.py's own choice for this config on CPU, on this process's threads."""
+    import torch
+
     from glm_train.model import prefix_blocks
 
-    return prefix_blocks.pays_off(cfg.model.heads // cfg.parallel.tp)
+    dtype = torch.float32 if fp32_kernel else torch.bfloat16
+    return prefix_blocks.runs(dtype, cfg.model.attention_dropout, cfg.model.heads // cfg.parallel.tp)
 
 
 def _attention_terms(cfg: GLMConfig, device: str, recompute: bool) -> tuple[float, float, float]:
@@ -190,7 +193,7 @@ def _attention_terms(cfg: GLMConfig, device: str, recompute: bool) -> tuple[floa
     math_path = device == "cpu" and m.attention_dropout > 0  # CPU's fused SDPA has no dropout
     lse = 4 * m.heads / m.hidden  # the kernel's FP32 logsumexp [b, H, s]
     fp32_kernel = w == 4 or (device == "cpu" and impl != AttentionImpl.eager and _cpu_upcasts(cfg))
-    if impl == AttentionImpl.blocks and (math_path or not fp32_kernel or not _blocks_pay_off(cfg)):
+    if impl == AttentionImpl.blocks and not _blocks_run(cfg, fp32_kernel):
         impl = AttentionImpl.sdpa  # blocks hands these to the masked kernel (model/attention.py)
     if impl == AttentionImpl.blocks:
         # model/prefix_blocks.py: FP32 q, k, v and output, logsumexp, no mask (its causal table is
