@@ -40,8 +40,11 @@ CONFIGS = {
 
 _L8 = ["model.layers=8", "model.hidden=512", "model.heads=8", "model.seq_length=512", "model.vocab_size=8192",
        "train.micro_batch=8", "train.global_batch=8", "precision=fp32", "parallel.zero_stage=0"]
+# The same in bf16 (ZeRO-1: DeepSpeed's bf16 optimizer): on CPUs with native bf16 dot products its
+# attention keeps S x S probabilities (model/prefix_blocks.py's matmul kernel), rebuilt when recomputed.
+_L8_BF16 = [x.replace("fp32", "bf16").replace("zero_stage=0", "zero_stage=1") for x in _L8]
 
-# On CPU: model state and activations of hundreds of MB each, all five in under 5 minutes on 2 cores.
+# On CPU: model state and activations of hundreds of MB each, all seven in under 5 minutes on 2 cores.
 # Between them they take each of the planner's peak phases: the loss's backward with and without the
 # gradients already there (one or two micro-batches per step), one block's backward (full
 # recomputation with eager attention, whose S x S matrices it rebuilds), and the optimizer step
@@ -54,6 +57,8 @@ CPU_CONFIGS = {
     "cpu-L8-d512-fp32-mb8-selective": _L8 + ["parallel.selective_recompute=[attention,geglu]"],
     "cpu-L8-d512-fp32-mb8-eager-recompute": _L8 + ["model.attention_impl=eager",
                                                    "parallel.activation_checkpoint_interval=1"],
+    "cpu-L8-d512-bf16-mb8": _L8_BF16,
+    "cpu-L8-d512-bf16-mb8-selective": _L8_BF16 + ["parallel.selective_recompute=[attention]"],
     "cpu-L4-d768-bf16-zero1-mb4x2": ["model.layers=4", "model.hidden=768", "model.heads=12", "model.seq_length=512",
                                      "model.vocab_size=8192", "train.micro_batch=4", "train.global_batch=8",
                                      "precision=bf16", "parallel.zero_stage=1"],

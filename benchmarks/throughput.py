@@ -170,15 +170,21 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     return matmul_tflops("bf16" if dtype == torch.bfloat16 else "fp32", n, "cpu", reps)
 
 
-def attention_kernel(impl: str, heads: int) -> str:
-    """The kernel ours runs for fp32 attention on this CPU (model/attention.py's choice)."""
+def attention_kernel(impl: str, heads: int, precision: str) -> str:
+    """The kernel ours runs for attention in this precision on this CPU (model/attention.py's choice)."""
     from glm_train.config import AttentionImpl
     from glm_train.model import prefix_blocks
+    from glm_train.model.attention import cpu_attention_upcasts
 
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    if cpu_attention_upcasts(dtype):
+        dtype = torch.float32
     kernel = AttentionImpl(impl).resolve("cpu")
-    if kernel == AttentionImpl.blocks and not prefix_blocks.runs(torch.float32, 0.0, heads):
+    if kernel != AttentionImpl.blocks:
+        return kernel.value
+    if not prefix_blocks.runs(dtype, 0.0, heads):
         return "sdpa (blocks: more threads than heads)"
-    return kernel.value
+    return "blocks, matmuls" if dtype == torch.bfloat16 else "blocks, flash kernel"
 
 
 def cpu_description() -> str:
@@ -254,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                                           "steps": args.steps, "rounds": args.rounds,
                                           "selective_recompute": list(selective),
                                           "attention_impl": args.attention_impl,
-                                          "attention_kernel": attention_kernel(args.attention_impl, HEADS),
+                                          "attention_kernel": {p: attention_kernel(args.attention_impl, HEADS, p)
+                                                               for p in args.precisions.split(",")},
                                           "threads": torch.get_num_threads(), "scored_fraction": scored,
                                           "cpu": cpu_description()}
     rows = []
@@ -347,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         out["mfu_gpt2_fp32"] = out["fp32"]["mfu_gpt2"]  # type: ignore[index]
         out["ratio_vs_reference_fp32"] = out["fp32"]["ratio_vs_reference"]  # type: ignore[index]
     print(f"\n{out['config']}, {out['threads']} threads, scored fraction {scored:.3f}; {out['cpu']}; "
-          f"ours' fp32 attention: {out['attention_kernel']}")
+          "ours' attention: " + ", ".join(f"{p} {k}" for p, k in out["attention_kernel"].items()))
     print(f"{'precision':<10}{'ours tok/s':>11}{'ref tok/s':>10}{'ratio':>7}{'peak TF/s':>10}{'MFU ours':>9}"
           f"{'MFU ref':>8}{'GPT-2 tok/s':>12}{'MFU GPT-2':>10}{'ours/GPT-2':>11}")
     for prec, r in rows:

@@ -43,13 +43,15 @@ class AttentionImpl(str, enum.Enum):
     # Two mask-free SDPA calls, so GPUs can use FlashAttention: causal over the whole sequence, then
     # bidirectional over each sample's Part A, whose rows replace the causal ones.
     split = "split"
-    # CPU: the masked kernel per sample over only the keys each block of queries can see (Part A
-    # alone, Part B in chunks up to its own end: model/prefix_blocks.py), in FP32; the masked kernel
-    # in half precision, with attention dropout or with more threads than heads; split on GPUs.
+    # CPU: attention per sample over only the keys each block of queries can see (Part A alone,
+    # Part B in chunks up to its own end: model/prefix_blocks.py), FP32 through the flash kernel,
+    # bf16 through matmuls keeping the probabilities; the masked kernel in fp16, with attention
+    # dropout or in FP32 with more threads than heads; split on GPUs.
     blocks = "blocks"
     # split where the tensors are on a GPU, blocks elsewhere (on one H200, glm-1b bf16 micro-batch 8:
     # split 5.6% faster than sdpa; on CPU, split is the slower one and blocks the faster, fp32
-    # forward + backward of 8x8x512x64 masked attention 97 against 125 ms)
+    # forward + backward of 8x8x512x64 masked attention 97 against 125 ms, bf16 56-64 against
+    # 108-122 ms on AVX512-BF16)
     auto = "auto"
 
     def resolve(self, device: Any) -> AttentionImpl:
@@ -97,7 +99,7 @@ class ModelConfig:
     attention_impl: AttentionImpl = AttentionImpl.auto
     """Attention kernel: sdpa (one call with the boolean prefix mask), split (two mask-free calls
     that FlashAttention kernels accept; for GPUs), blocks (CPU: per sample, only the keys each block
-    of queries can see; fastest there in FP32), auto (split on a GPU, blocks elsewhere) or eager
+    of queries can see; fastest there, FP32 and bf16), auto (split on a GPU, blocks elsewhere) or eager
     (explicit FP32 softmax with query-key layer scaling, the reference). Decoding with a KV cache
     always uses the mask."""
     init_std: float = 0.02

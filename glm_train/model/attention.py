@@ -152,7 +152,7 @@ class SelfAttention(nn.Module):
                 return split_prefix_attention(q, k, v, mask, p).to(dtype)
             if prefix_blocks.runs(q.dtype, p, q.shape[1]):
                 return prefix_blocks.prefix_block_attention(q, k, v, mask).to(dtype)
-            # Half precision, dropout, or more threads than heads: the masked kernel.
+            # fp16, dropout, or FP32 with more threads than heads: the masked kernel.
             mask = prefix_lm_mask(mask, q.shape[2])
         # SDPA kernels accumulate the softmax in FP32 whatever the input dtype, which is what
         # query-key layer scaling protects in the eager path.

@@ -175,8 +175,27 @@ def _blocks_run(cfg: GLMConfig, fp32_kernel: bool) -> bool:
 
     from glm_train.model import prefix_blocks
 
-    dtype = torch.float32 if fp32_kernel else torch.bfloat16
+    half = torch.float16 if cfg.precision == Precision.fp16 else torch.bfloat16
+    dtype = torch.float32 if fp32_kernel else half
     return prefix_blocks.runs(dtype, cfg.model.attention_dropout, cfg.model.heads // cfg.parallel.tp)
+
+
+def _blocks_matmul(cfg: GLMConfig, device: str) -> bool:
+    """Whether attention runs model/prefix_blocks.py's bf16 matmul kernel (keeping probabilities)."""
+    impl = AttentionImpl(cfg.model.attention_impl).resolve(device)
+    if device != "cpu" or impl != AttentionImpl.blocks or _element_bytes(cfg) != 2 or _cpu_upcasts(cfg):
+        return False
+    return _blocks_run(cfg, fp32_kernel=False)
+
+
+def _kept_probabilities(cfg: GLMConfig) -> float:
+    """The matmul kernel's probabilities per b*a*s*s: bf16, over the share of scores its blocks compute
+    for a sample whose Part A is the planner's mean."""
+    from glm_train.model import prefix_blocks
+
+    s = cfg.model.seq_length
+    a = round((1 - SCORED_FRACTION) * s)
+    return _element_bytes(cfg) * prefix_blocks.computed_fraction(a, s, prefix_blocks.MATMUL_CHUNK)
 
 
 def _attention_terms(cfg: GLMConfig, device: str, recompute: bool) -> tuple[float, float, float]:
@@ -195,6 +214,10 @@ def _attention_terms(cfg: GLMConfig, device: str, recompute: bool) -> tuple[floa
     fp32_kernel = w == 4 or (device == "cpu" and impl != AttentionImpl.eager and _cpu_upcasts(cfg))
     if impl == AttentionImpl.blocks and not _blocks_run(cfg, fp32_kernel):
         impl = AttentionImpl.sdpa  # blocks hands these to the masked kernel (model/attention.py)
+    if impl == AttentionImpl.blocks and not fp32_kernel:
+        # model/prefix_blocks.py's matmul kernel: rotated q, k, v's copy and the output (the dense
+        # input is a view of it), no mask, and the probabilities of every block.
+        return 4 * w, 0, _kept_probabilities(cfg)
     if impl == AttentionImpl.blocks:
         # model/prefix_blocks.py: FP32 q, k, v and output, logsumexp, no mask (its causal table is
         # one per sequence length, not per layer); in half precision the FP32 copies of q, k, v and
@@ -269,7 +292,13 @@ def backward_working_bytes(cfg: GLMConfig, device: str = "gpu") -> float:
     rebuilt = 0.0
     if "attention" in parts:  # the dropped tensors come back, plus the rotated and scaled copies of q, k
         rebuilt = sbh * (full_attn - kept_attn + 2 * w) / t + b * a / t * s * s * (full_scores - kept_scores)
-    score_grads = b * a / t * s * s * (4 + w) if full_scores else 0.0
+    if _blocks_matmul(cfg, device):
+        from glm_train.model import prefix_blocks
+
+        # One block of one sample at a time: its score gradient and the softmax's result, bf16.
+        score_grads = 2 * w * a / t * min(s, prefix_blocks.MATMUL_CHUNK) * s
+    else:
+        score_grads = b * a / t * s * s * (4 + w) if full_scores else 0.0
     freed = sbh * (2 * w + (3 if "geglu" in parts else 4) * f / h * w / t)  # LN2 input/output, GeGLU
     attn_phase = rebuilt + score_grads + 2 * sbh * w - freed
     return max(mlp_phase, attn_phase)
