@@ -58,11 +58,14 @@ activations  what autograd keeps of one block for one micro-batch (activation_by
                              on CPU with attention dropout two FP32 math-path calls: A = 12 + 12 (1 - f)
                              + w (fp32: 12 + 8 (1 - f) + 2w, a Part-A view of v keeping v's copy),
                              S = 12 (1 + (1 - f)^2), taking sum(Part A^2) ~ b (1 - f)^2 s^2
-               blocks        (CPU; GPUs run split) the FP32 kernel per sample and query block:
-                             fp32 A = 4w + 4a/h, M = 0 (no mask: one causal table per sequence
-                             length); bf16/fp16 where the CPU upcasts: A = 16 + w + 4a/h, M = 0; other
-                             bf16/fp16, attention dropout and more threads than heads per TP rank
-                             (judged on the planning process) run SDPA's masked kernel (above)
+               blocks        (CPU; GPUs run split) per sample and query block: fp32 through the
+                             flash kernel, A = 4w + 4a/h, M = 0 (no mask: one causal table per
+                             sequence length); bf16/fp16 where the CPU upcasts: A = 16 + w + 4a/h,
+                             M = 0; bf16 elsewhere through matmuls: A = 4w (rotated q, k, v's copy,
+                             output), M = 0, S = w c with c the share of scores its blocks compute
+                             at Part A = (1 - f) s (0.75 for s <= 512), its kept probabilities;
+                             attention dropout, and fp32 with more threads than heads per TP rank
+                             (judged on the planning process), run SDPA's masked kernel (above)
              parallel.selective_recompute drops, per block:
                attention     A = 4w (the QKV output, the checkpoint's input; the context),
                              M = 1 (the bool mask input; 0 for split and blocks), S = 0, whatever the
@@ -83,8 +86,9 @@ peak phases  the activations above peak at the first backward op of a stage's st
                          the incoming gradient, the one LN2 accumulates and the GeGLU gradients
                          (+ I / (h t) when geglu is recomputed), or, when attention matrices are rebuilt
                          or kept, what the recomputed attention and its FP32 score gradients
-                         (4 + w) b*a*s*s / t need beyond the GeGLU memory freed by then; with k > 0 also
-                         one recomputed chunk of min(k, blocks) blocks and its output (s*b*h*w)
+                         (4 + w) b*a*s*s / t (the bf16 blocks kernel: one sample's block at a
+                         time, 2w a min(s, 512) s / t) need beyond the GeGLU memory freed by then;
+                         with k > 0 also one recomputed chunk of min(k, blocks) blocks and its output (s*b*h*w)
              gradients count towards that peak when they already exist, i.e. when the stage runs more
              micro-batches than it keeps in flight (the engine frees .grad after each step); otherwise
              the first backward makes them block by block as it frees activations, and where a block's
