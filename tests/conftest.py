@@ -84,3 +84,12 @@ def assert_same_curve(a: list[dict], b: list[dict], keys: tuple[str, ...] = ("lo
     if off:
         warnings.warn(f"curves equal within {ULP_DRIFT_RTOL:g} but not bitwise at {len(off)} entries: {off[:4]}",
                       stacklevel=2)
+
+
+@pytest.fixture
+def blocks_at_any_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """attention_impl=blocks runs its own kernels at test sizes too, below the work per sample from
+    which it uses them (model/prefix_blocks.py: MIN_SCORES); the planner reads the same table."""
+    from glm_train.model import prefix_blocks
+
+    monkeypatch.setattr(prefix_blocks, "MIN_SCORES", dict.fromkeys(prefix_blocks.MIN_SCORES, 0))

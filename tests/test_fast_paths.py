@@ -38,7 +38,7 @@ def _block_step(cfg: ModelConfig, recompute: frozenset[str],
 
 @pytest.mark.parametrize("impl,dtype", [(AttentionImpl.sdpa, torch.float32), (AttentionImpl.eager, torch.float32),
                                         (AttentionImpl.blocks, torch.float32), (AttentionImpl.blocks, torch.bfloat16)])
-def test_selective_recompute_is_exact_and_saves_memory(impl, dtype):
+def test_selective_recompute_is_exact_and_saves_memory(impl, dtype, blocks_at_any_size):
     # blocks without attention dropout: with it, blocks hands the call to the masked kernel. In bf16
     # blocks keeps the probabilities (on CPUs with native bf16; others upcast), which recomputation drops.
     cfg = ModelConfig(hidden=64, heads=4, seq_length=32, attention_impl=impl, dropout=0.1,
@@ -72,7 +72,7 @@ def test_compile_selective_recompute_and_adamw_kernels_match_eager(tiny_data, tm
 @pytest.mark.parametrize("impl", [AttentionImpl.split, AttentionImpl.blocks])
 @pytest.mark.parametrize("prefix", [[0, 5, 13, 24], [9, 9, 9, 9], [24, 24, 24, 24]],
                          ids=["mixed", "one_length", "all_part_a"])
-def test_length_kernels_equal_the_masked_kernel(prefix, impl):
+def test_length_kernels_equal_the_masked_kernel(prefix, impl, blocks_at_any_size):
     """split's two mask-free calls and blocks' per-sample calls against one SDPA call with the boolean
     mask, values and gradients: per sample (no Part A, short, long, everything Part A) and batched
     (split: one length for all)."""
@@ -92,7 +92,7 @@ def test_length_kernels_equal_the_masked_kernel(prefix, impl):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
-def test_blocks_hand_more_threads_than_heads_to_the_masked_kernel():
+def test_blocks_hand_more_threads_than_heads_to_the_masked_kernel(blocks_at_any_size):
     """With more threads than heads the per-sample calls would leave threads idle: blocks then makes
     one masked kernel call, bit for bit sdpa's; with as many threads as heads, one call per Part A
     and Part-B chunk of each sample (here 1 + 2 + 1), equal to sdpa's to rounding. bf16 blocks run on
@@ -125,6 +125,30 @@ def test_blocks_hand_more_threads_than_heads_to_the_masked_kernel():
                      (3, AttentionImpl.sdpa): 1, (3, AttentionImpl.blocks): 1, (3, "bf16"): 0}, calls
     assert torch.equal(out[3, AttentionImpl.blocks], out[3, AttentionImpl.sdpa])
     torch.testing.assert_close(out[2, AttentionImpl.blocks], out[2, AttentionImpl.sdpa], rtol=1e-5, atol=1e-6)
+
+
+def test_blocks_hand_small_samples_to_the_masked_kernel():
+    """Below MIN_SCORES per sample (heads x S x S) the per-sample calls cost more than they skip:
+    blocks then makes sdpa's masked call, bit for bit, in FP32 and bf16 (the demo's toy model: 2 heads,
+    S = 128); from the threshold on it runs its own kernels."""
+    from glm_train.model.glm import GLMModel
+    from glm_train.model.prefix_blocks import runs
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert not runs(torch.float32, 0.0, 2, 511) and runs(torch.float32, 0.0, 2, 512)  # 2^19
+        assert not runs(torch.bfloat16, 0.0, 2, 255) and runs(torch.bfloat16, 0.0, 2, 256)  # 2^17
+        assert not runs(torch.bfloat16, 0.1, 2, 4096) and not runs(torch.float16, 0.0, 2, 4096)
+        ids, prefix = torch.randint(0, 200, (2, 128)), torch.tensor([40, 100])
+        for dtype in (torch.float32, torch.bfloat16):
+            out = {}
+            for impl in (AttentionImpl.sdpa, AttentionImpl.blocks):
+                cfg = ModelConfig(hidden=128, heads=2, layers=1, seq_length=128, vocab_size=256, attention_impl=impl)
+                out[impl] = GLMModel(cfg, seed=3).to(dtype)(ids, prefix_lengths=prefix)
+            assert torch.equal(out[AttentionImpl.blocks], out[AttentionImpl.sdpa]), dtype
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_sample_blocks_cover_every_query_once():
@@ -220,7 +244,7 @@ def test_auto_attention_is_split_on_gpus_and_blocks_elsewhere():
 
 
 @pytest.mark.parametrize("upcast", [True, False], ids=["fp32_kernel", "bf16_kernel"])
-def test_bf16_cpu_attention_either_kernel_matches_fp32(upcast, monkeypatch):
+def test_bf16_cpu_attention_either_kernel_matches_fp32(upcast, monkeypatch, blocks_at_any_size):
     """Both CPU paths of bf16 attention (FP32 kernel without native bf16, bf16 kernel with it; the machine
     picks one) agree with the fp32 model to bf16 rounding, in values and gradients."""
     import glm_train.model.attention as attention

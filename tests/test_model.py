@@ -34,7 +34,7 @@ def test_mask_matches_definition():
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager", "blocks"])
-def test_part_b_never_changes_part_a(impl):
+def test_part_b_never_changes_part_a(impl, blocks_at_any_size):
     model = _model(attention_impl=impl)
     ids = torch.randint(0, V, (1, 20))
     prefix = torch.tensor([8])
@@ -48,7 +48,7 @@ def test_part_b_never_changes_part_a(impl):
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager", "blocks"])
-def test_part_a_change_reaches_every_position(impl):
+def test_part_a_change_reaches_every_position(impl, blocks_at_any_size):
     model = _model(attention_impl=impl)
     ids = torch.randint(0, V, (1, 20))
     prefix = torch.tensor([8])

@@ -63,7 +63,7 @@ _LAYER_CASES += [(impl, prec, rec, 0.1) for impl in _IMPLS for prec in ("fp32", 
 
 
 @pytest.mark.parametrize("impl,precision,recompute,dropout", _LAYER_CASES)
-def test_activation_bytes_per_layer_match_saved_tensors(impl, precision, recompute, dropout):
+def test_activation_bytes_per_layer_match_saved_tensors(impl, precision, recompute, dropout, blocks_at_any_size):
     # Sizes with s != h and a head size that is not h / 2, so that no term can stand in for another;
     # on CPU (device="cpu": dropout keeps its noise, SDPA with attention dropout takes the math path).
     cfg = GLMConfig()

@@ -150,9 +150,9 @@ class SelfAttention(nn.Module):
         if mask.dtype != torch.bool:  # Part-A lengths: split or blocks (mask.attention_mask)
             if q.device.type != "cpu" or self.impl.resolve(q.device) == AttentionImpl.split:
                 return split_prefix_attention(q, k, v, mask, p).to(dtype)
-            if prefix_blocks.runs(q.dtype, p, q.shape[1]):
+            if prefix_blocks.runs(q.dtype, p, q.shape[1], q.shape[2]):
                 return prefix_blocks.prefix_block_attention(q, k, v, mask).to(dtype)
-            # fp16, dropout, or FP32 with more threads than heads: the masked kernel.
+            # fp16, dropout, too little work per sample, or FP32 with more threads than heads.
             mask = prefix_lm_mask(mask, q.shape[2])
         # SDPA kernels accumulate the softmax in FP32 whatever the input dtype, which is what
         # query-key layer scaling protects in the eager path.

@@ -33,8 +33,9 @@ _BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu
 # on (32 below, which ran slower per score); 128 and 256 timed the same in fp32.
 CHUNK = 256
 
-# The same for the matmul kernel (bf16): 512 ran fastest at S = 512 and S = 2048 (256 and 1024 were
-# 4-14% slower at 2048; longer blocks compute more of the causal triangle's hidden half).
+# The same for the matmul kernel (bf16): 512 ran fastest at S = 512 and S = 2048 (at 2048, 256 took 4%
+# longer, 1024 14%, the whole Part B at once 17%: shorter blocks make smaller matmuls, longer ones
+# compute more of the hidden half of their causal triangle).
 MATMUL_CHUNK = 512
 
 
@@ -43,28 +44,38 @@ def available() -> bool:
     return _FORWARD is not None and _BACKWARD is not None
 
 
-def pays_off(heads: int) -> bool:
-    """Whether the per-sample calls beat one masked call on this process's threads.
+# Scores per sample and TP rank (heads x S x S) from which the per-sample calls beat one masked call
+# over the batch, by the dtype attention runs in: below, their fixed cost per call outweighs the keys
+# they skip. 2 Zen 4 threads, batch 8, forward + backward (docs/performance.md): bf16 matmuls 6.1
+# against 5.0 ms at 2 heads x 128^2, as fast from 2^17 on (2 x 256^2: 9.4 against 10.5); the FP32 flash
+# blocks 10.2 against 8.7 at 2 x 256^2 and 13.0 against 12.4 at 8 x 128^2, faster from 2^19 on
+# (2 x 512^2: 33.3 against 34.7; 8 x 512^2: 88 against 113).
+MIN_SCORES = {torch.float32: 1 << 19, torch.bfloat16: 1 << 17}
 
-    The kernel's backward runs one task per (sample, head), so a call for one sample keeps at most
-    ``heads`` threads busy, where the masked call over the whole batch keeps all of them busy. With
-    more threads than heads the skipped keys no longer pay for the idle threads (2 threads: 1 head
-    26.7 against 18.0 ms masked, 2 heads 28.5 against 35.6, for 8x512x64 per head, fp32 forward and
-    backward).
+
+def pays_off(dtype: torch.dtype, heads: int, seq_len: int) -> bool:
+    """Whether the per-sample calls beat one masked call for attention in ``dtype`` over this many
+    heads (per TP rank) and keys, on this process's threads.
+
+    Enough work per sample (:data:`MIN_SCORES`), and in FP32 no more threads than heads: the flash
+    kernel's backward runs one task per (sample, head), so a call for one sample keeps at most
+    ``heads`` threads busy, where the masked call over the whole batch keeps all of them busy (2
+    threads: 1 head 26.7 against 18.0 ms masked, 2 heads 28.5 against 35.6, for 8x512x64 per head,
+    fp32 forward and backward). bf16 runs on matmuls, which use every thread in each call.
     """
-    return available() and torch.get_num_threads() <= heads
-
-
-def runs(dtype: torch.dtype, dropout_p: float, heads: int) -> bool:
-    """Whether ``attention_impl=blocks`` runs this module for attention in ``dtype`` with this dropout
-    and this many heads (per TP rank); where not, the masked kernel does (model/attention.py).
-    No dropout (neither kernel here has any). FP32 through the flash kernel where it pays
-    (:func:`pays_off`); bf16 through matmuls (:class:`_PrefixBlocksMatmul`), which keep every thread
-    busy whatever the heads. model/attention.py hands bf16 here only on CPUs with native bf16 dot
-    products (elsewhere it upcasts to FP32 first); fp16 goes to the masked kernel."""
-    if dropout_p != 0.0:
+    if dtype not in MIN_SCORES or heads * seq_len * seq_len < MIN_SCORES[dtype]:
         return False
-    return dtype == torch.bfloat16 or (dtype == torch.float32 and pays_off(heads))
+    return dtype == torch.bfloat16 or (available() and torch.get_num_threads() <= heads)
+
+
+def runs(dtype: torch.dtype, dropout_p: float, heads: int, seq_len: int) -> bool:
+    """Whether ``attention_impl=blocks`` runs this module for attention in ``dtype`` with this dropout,
+    this many heads (per TP rank) and keys; where not, the masked kernel does (model/attention.py).
+    No dropout (neither kernel here has any), and only where it pays (:func:`pays_off`). FP32 runs
+    through the flash kernel, bf16 through matmuls (:class:`_PrefixBlocksMatmul`). model/attention.py
+    hands bf16 here only on CPUs with native bf16 dot products (elsewhere it upcasts to FP32 first);
+    fp16 goes to the masked kernel."""
+    return dropout_p == 0.0 and pays_off(dtype, heads, seq_len)
 
 
 def sample_blocks(prefix: int, seq_len: int, chunk: int = CHUNK) -> list[tuple[int, int]]:

@@ -181,7 +181,8 @@ def _blocks_run(cfg: GLMConfig, fp32_kernel: bool) -> bool:
 
     half = torch.float16 if cfg.precision == Precision.fp16 else torch.bfloat16
     dtype = torch.float32 if fp32_kernel else half
-    return prefix_blocks.runs(dtype, cfg.model.attention_dropout, cfg.model.heads // cfg.parallel.tp)
+    return prefix_blocks.runs(dtype, cfg.model.attention_dropout, cfg.model.heads // cfg.parallel.tp,
+                              cfg.model.seq_length)
 
 
 def _blocks_matmul(cfg: GLMConfig, device: str) -> bool:
