@@ -46,7 +46,8 @@ class AttentionImpl(str, enum.Enum):
     # CPU: attention per sample over only the keys each block of queries can see (Part A alone,
     # Part B in chunks up to its own end: model/prefix_blocks.py), FP32 through the flash kernel,
     # bf16 through matmuls keeping the probabilities; the masked kernel in fp16, with attention
-    # dropout or in FP32 with more threads than heads; split on GPUs.
+    # dropout, for samples too small to pay (prefix_blocks.MIN_SCORES) or in FP32 with more threads
+    # than heads; split on GPUs.
     blocks = "blocks"
     # split where the tensors are on a GPU, blocks elsewhere (on one H200, glm-1b bf16 micro-batch 8:
     # split 5.6% faster than sdpa; on CPU, split is the slower one and blocks the faster, fp32
