@@ -164,8 +164,8 @@ class _PrefixBlocksMatmul(torch.autograd.Function):
     Numerics are those of Megatron's unfused softmax path, not the flash kernel's: scores are
     rounded to bf16 before the softmax (which computes in FP32), and probabilities to bf16 before
     the product with V; the scale is applied inside the matmul, in FP32. Memory: the probabilities,
-    bf16, of every visible score of the blocks (about three quarters of B x H x S x S per layer at
-    Part A = S / 2), instead of the flash kernel's logsumexp.
+    bf16, of every score the blocks compute (:func:`computed_fraction`: three quarters of B x H x S x S
+    per layer at Part A = S / 2 and S <= 512), instead of the flash kernel's logsumexp.
     """
 
     @staticmethod
