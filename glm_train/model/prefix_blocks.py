@@ -29,14 +29,12 @@ import torch
 _FORWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
-# Most queries per Part-B call. The kernel splits a call's queries into blocks of 64 from 192 queries
-# on (32 below, which ran slower per score); 128 and 256 timed the same in fp32.
+# Most queries per Part-B call. The flash kernel splits a call's queries into blocks of 64 from 192
+# queries on (32 below, which ran slower per score); 128 and 256 timed the same in fp32. The matmul
+# kernel (bf16) timed the same with 256 as with 512 at S = 512 and 1024; at 2048 and 4096 its blocks
+# of 512 queries ran as slow as the masked kernel, of 256 at 0.85-0.88 of it (FP32 score blocks of
+# 512 x S outgrow the caches between the matmul and the softmax's passes).
 CHUNK = 256
-
-# The same for the matmul kernel (bf16): 512 ran fastest at S = 512 and S = 2048 (at 2048, 256 took 4%
-# longer, 1024 14%, the whole Part B at once 17%: shorter blocks make smaller matmuls, longer ones
-# compute more of the hidden half of their causal triangle).
-MATMUL_CHUNK = 512
 
 
 def available() -> bool:
@@ -151,39 +149,44 @@ class _PrefixBlocks(torch.autograd.Function):
 
 
 class _PrefixBlocksMatmul(torch.autograd.Function):
-    """The blocks of :class:`_PrefixBlocks` (with longer chunks) in bf16, from batched matmuls over
-    the heads of one sample, a softmax, and its probabilities kept for backward.
+    """The blocks of :class:`_PrefixBlocks` for bf16 q, k, v, from batched
+    matmuls over the heads of one sample, a softmax, and its probabilities kept for backward.
 
     Why: PyTorch's CPU flash kernel reaches about a quarter of the bf16 matmul peak on CPUs whose
-    bf16 dot products are native (AVX512-BF16), where the matmuls here run near it. With scores and
+    bf16 dot products are native (AVX512-BF16), where matmuls run near it. With scores and
     probabilities written out, a block costs its matmuls plus a few element-wise passes over its
-    scores, and the backward needs no recomputation. The masked 8x8x512x64 attention, forward +
-    backward on 2 Zen 4 cores: 56-64 against 108-122 ms (masked SDPA); a whole bf16 training step
-    of the throughput benchmark 0.84 of the masked kernel's.
+    scores, and the backward needs no recomputation.
 
-    Numerics are those of Megatron's unfused softmax path, not the flash kernel's: scores are
-    rounded to bf16 before the softmax (which computes in FP32), and probabilities to bf16 before
-    the product with V; the scale is applied inside the matmul, in FP32. Memory: the probabilities,
-    bf16, of every score the blocks compute (:func:`computed_fraction`: three quarters of B x H x S x S
-    per layer at Part A = S / 2 and S <= 512), instead of the flash kernel's logsumexp.
+    Numerics follow the flash kernel's, not the usual unfused path's: scores come from an FP32 matmul
+    and the softmax runs on them in FP32; probabilities are rounded to bf16 for the product with V
+    (and kept so); in backward dP = dO V^T is FP32 too, and dS = P (dP - rowsum(dP P)) is rounded to
+    bf16 only for the dQ and dK matmuls. Scores or dP in bf16 (Megatron's unfused softmax) were 1.6x
+    faster still but lose precision where attention is peaked: with q.k scaled up 64x, 17.5% error in
+    the q and k gradients against the flash kernel's 0.7%, and a bf16 training run of a small GLM
+    diverged from sdpa's with a gradient-norm spike (19.5 against 1.4) within 60 steps.
+
+    Memory: the bf16 probabilities of every score the blocks compute (:func:`computed_fraction`:
+    three quarters of B x H x S x S per layer at Part A = S / 2 and S = 512), instead of the flash
+    kernel's logsumexp; one block of one sample's FP32 scores or score gradients at a time.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, lengths, chunk):  # type: ignore[override]
         b, h, s, d = q.shape
         scale = d ** -0.5
-        table = _causal_table(s, q.dtype)
+        table = _causal_table(s, torch.float32)
         out = q.new_empty(b, s, h, d).transpose(1, 2)
-        ignored = q.new_zeros(())  # baddbmm's input where beta = 0 (a Part-A block has no mask)
+        ignored = q.new_zeros((), dtype=torch.float32)  # baddbmm's input where beta = 0 (no mask)
         probs = []
         for i, a in enumerate(lengths):
+            qf, kf = q[i].float(), k[i].float()
             for q0, q1 in sample_blocks(a, s, chunk):
-                qi, ki = q[i, :, q0:q1], k[i, :, :q1].transpose(-1, -2)
-                if q1 <= a:
+                qi, ki = qf[:, q0:q1], kf[:, :q1].transpose(-1, -2)
+                if q1 <= a:  # Part A: no mask
                     scores = torch.baddbmm(ignored.expand(h, q1 - q0, q1), qi, ki, beta=0.0, alpha=scale)
                 else:
                     scores = torch.baddbmm(table[q0:q1, :q1], qi, ki, alpha=scale)
-                p = torch.softmax(scores, -1)
+                p = torch.softmax(scores, -1).to(q.dtype)
                 out[i, :, q0:q1].baddbmm_(p, v[i, :, :q1], beta=0.0)
                 probs.append(p)
         # Saved, not stashed on ctx: selective recomputation's checkpoint must see them to drop them.
@@ -201,10 +204,12 @@ class _PrefixBlocksMatmul(torch.autograd.Function):
         gk, gv = (q.new_zeros(b, s, h, d).transpose(1, 2) for _ in range(2))
         saved = iter(probs)
         for i, a in enumerate(ctx.lengths):
+            gof, vf = grad_out[i].float(), v[i].float()
             for q0, q1 in sample_blocks(a, s, ctx.chunk):
                 p, go = next(saved), grad_out[i, :, q0:q1]
-                # dS = P * (dP - rowsum(dP * P)), the softmax's own backward kernel (FP32 inside).
-                ds = torch._softmax_backward_data(torch.matmul(go, v[i, :, :q1].transpose(-1, -2)), p, -1, q.dtype)
+                dp = torch.matmul(gof[:, q0:q1], vf[:, :q1].transpose(-1, -2))
+                # dS = P * (dP - rowsum(dP * P)), the softmax's own backward kernel, in FP32.
+                ds = torch._softmax_backward_data(dp, p.float(), -1, torch.float32).to(q.dtype)
                 gq[i, :, q0:q1].baddbmm_(ds, k[i, :, :q1], beta=0.0, alpha=scale)
                 gk[i, :, :q1].baddbmm_(ds.transpose(-1, -2), q[i, :, q0:q1], alpha=scale)
                 gv[i, :, :q1].baddbmm_(p.transpose(-1, -2), go)
@@ -221,5 +226,5 @@ def prefix_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if q.dtype == torch.float32:
         return _PrefixBlocks.apply(q, k, v, lengths)
     if q.dtype == torch.bfloat16:
-        return _PrefixBlocksMatmul.apply(q, k, v, lengths, MATMUL_CHUNK)
+        return _PrefixBlocksMatmul.apply(q, k, v, lengths, CHUNK)
     raise ValueError(f"prefix_block_attention takes FP32 or bf16 tensors, not {q.dtype}")

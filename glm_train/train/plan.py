@@ -63,7 +63,7 @@ activations  what autograd keeps of one block for one micro-batch (activation_by
                              sequence length); bf16/fp16 where the CPU upcasts: A = 16 + w + 4a/h,
                              M = 0; bf16 elsewhere through matmuls: A = 4w (rotated q, k, v's copy,
                              output), M = 0, S = w c with c the share of scores its blocks compute
-                             at Part A = (1 - f) s (0.75 for s <= 512), its kept probabilities;
+                             at Part A = (1 - f) s (0.75 for s = 512), its kept probabilities;
                              attention dropout, samples below prefix_blocks.MIN_SCORES (heads per
                              TP rank x s x s) and fp32 with more threads than heads per TP rank
                              (judged on the planning process) run SDPA's masked kernel (above)
@@ -88,7 +88,7 @@ peak phases  the activations above peak at the first backward op of a stage's st
                          (+ I / (h t) when geglu is recomputed), or, when attention matrices are rebuilt
                          or kept, what the recomputed attention and its FP32 score gradients
                          (4 + w) b*a*s*s / t (the bf16 blocks kernel: one sample's block at a
-                         time, 2w a min(s, 512) s / t) need beyond the GeGLU memory freed by then;
+                         time, 12 a min(s, 256) s / t) need beyond the GeGLU memory freed by then;
                          with k > 0 also one recomputed chunk of min(k, blocks) blocks and its output (s*b*h*w)
              gradients count towards that peak when they already exist, i.e. when the stage runs more
              micro-batches than it keeps in flight (the engine frees .grad after each step); otherwise
@@ -201,7 +201,7 @@ def _kept_probabilities(cfg: GLMConfig) -> float:
 
     s = cfg.model.seq_length
     a = round((1 - SCORED_FRACTION) * s)
-    return _element_bytes(cfg) * prefix_blocks.computed_fraction(a, s, prefix_blocks.MATMUL_CHUNK)
+    return _element_bytes(cfg) * prefix_blocks.computed_fraction(a, s)
 
 
 def _attention_terms(cfg: GLMConfig, device: str, recompute: bool) -> tuple[float, float, float]:
@@ -301,8 +301,8 @@ def backward_working_bytes(cfg: GLMConfig, device: str = "gpu") -> float:
     if _blocks_matmul(cfg, device):
         from glm_train.model import prefix_blocks
 
-        # One block of one sample at a time: its score gradient and the softmax's result, bf16.
-        score_grads = 2 * w * a / t * min(s, prefix_blocks.MATMUL_CHUNK) * s
+        # One block of one sample at a time: dP, the FP32 copy of P and dS, all FP32.
+        score_grads = 12 * a / t * min(s, prefix_blocks.CHUNK) * s
     else:
         score_grads = b * a / t * s * s * (4 + w) if full_scores else 0.0
     freed = sbh * (2 * w + (3 if "geglu" in parts else 4) * f / h * w / t)  # LN2 input/output, GeGLU
