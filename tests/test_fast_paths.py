@@ -130,7 +130,7 @@ def test_blocks_hand_more_threads_than_heads_to_the_masked_kernel(blocks_at_any_
 def test_blocks_hand_small_samples_to_the_masked_kernel():
     """Below MIN_SCORES per sample (heads x S x S) the per-sample calls cost more than they skip:
     blocks then makes sdpa's masked call, bit for bit, in FP32 and bf16 (the demo's toy model: 2 heads,
-    S = 128); from the threshold on it runs its own kernels."""
+    S = 128); from the threshold on it runs its own kernels, in bf16 up to 1024 keys."""
     from glm_train.model.glm import GLMModel
     from glm_train.model.prefix_blocks import runs
 
@@ -139,7 +139,8 @@ def test_blocks_hand_small_samples_to_the_masked_kernel():
         torch.set_num_threads(2)
         assert not runs(torch.float32, 0.0, 2, 511) and runs(torch.float32, 0.0, 2, 512)  # 2^19
         assert not runs(torch.bfloat16, 0.0, 2, 255) and runs(torch.bfloat16, 0.0, 2, 256)  # 2^17
-        assert not runs(torch.bfloat16, 0.1, 2, 4096) and not runs(torch.float16, 0.0, 2, 4096)
+        assert runs(torch.bfloat16, 0.0, 8, 1024) and not runs(torch.bfloat16, 0.0, 8, 1025)  # MATMUL_MAX_SEQ
+        assert not runs(torch.bfloat16, 0.1, 2, 512) and not runs(torch.float16, 0.0, 2, 512)
         ids, prefix = torch.randint(0, 200, (2, 128)), torch.tensor([40, 100])
         for dtype in (torch.float32, torch.bfloat16):
             out = {}

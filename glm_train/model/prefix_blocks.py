@@ -44,18 +44,25 @@ def available() -> bool:
 
 # Scores per sample and TP rank (heads x S x S) from which the per-sample calls beat one masked call
 # over the batch, by the dtype attention runs in: below, their fixed cost per call outweighs the keys
-# they skip. 2 Zen 4 threads, batch 8, forward + backward (docs/performance.md): bf16 matmuls 6.1
-# against 5.0 ms at 2 heads x 128^2, as fast from 2^17 on (2 x 256^2: 9.4 against 10.5); the FP32 flash
-# blocks 10.2 against 8.7 at 2 x 256^2 and 13.0 against 12.4 at 8 x 128^2, faster from 2^19 on
-# (2 x 512^2: 33.3 against 34.7; 8 x 512^2: 88 against 113).
+# they skip. 2 Zen 4 threads, batch 8, forward + backward (docs/performance.md): bf16 matmuls 7.2-11.7
+# against 4.5-7.7 ms at 2 heads x 128^2, level or faster from 2^17 on (2 x 256^2: 9.7-10.3 against
+# 8.8-10.3; 8 x 128^2: 11.1-12.6 against 16.2-16.3); the FP32 flash blocks 10.2 against 8.7 at
+# 2 x 256^2 and 13.0 against 12.4 at 8 x 128^2, faster from 2^19 on (2 x 512^2: 33.3 against 34.7;
+# 8 x 512^2: 88 against 113).
 MIN_SCORES = {torch.float32: 1 << 19, torch.bfloat16: 1 << 17}
+
+# Longest sequence the matmul kernel (bf16) runs: measured faster up to 1024 (0.75 of the masked
+# kernel's time at 8 heads x 1024, batch 8); at 2048 and 4096 within noise of it (0.85-1.09 over
+# runs), while it keeps B x H x S x S probabilities.
+MATMUL_MAX_SEQ = 1024
 
 
 def pays_off(dtype: torch.dtype, heads: int, seq_len: int) -> bool:
     """Whether the per-sample calls beat one masked call for attention in ``dtype`` over this many
     heads (per TP rank) and keys, on this process's threads.
 
-    Enough work per sample (:data:`MIN_SCORES`), and in FP32 no more threads than heads: the flash
+    Enough work per sample (:data:`MIN_SCORES`); in bf16 no longer sequences than
+    :data:`MATMUL_MAX_SEQ`; in FP32 no more threads than heads: the flash
     kernel's backward runs one task per (sample, head), so a call for one sample keeps at most
     ``heads`` threads busy, where the masked call over the whole batch keeps all of them busy (2
     threads: 1 head 26.7 against 18.0 ms masked, 2 heads 28.5 against 35.6, for 8x512x64 per head,
@@ -63,7 +70,9 @@ def pays_off(dtype: torch.dtype, heads: int, seq_len: int) -> bool:
     """
     if dtype not in MIN_SCORES or heads * seq_len * seq_len < MIN_SCORES[dtype]:
         return False
-    return dtype == torch.bfloat16 or (available() and torch.get_num_threads() <= heads)
+    if dtype == torch.bfloat16:
+        return seq_len <= MATMUL_MAX_SEQ
+    return available() and torch.get_num_threads() <= heads
 
 
 def runs(dtype: torch.dtype, dropout_p: float, heads: int, seq_len: int) -> bool:

@@ -65,7 +65,8 @@ activations  what autograd keeps of one block for one micro-batch (activation_by
                              output), M = 0, S = w c with c the share of scores its blocks compute
                              at Part A = (1 - f) s (0.75 for s = 512), its kept probabilities;
                              attention dropout, samples below prefix_blocks.MIN_SCORES (heads per
-                             TP rank x s x s) and fp32 with more threads than heads per TP rank
+                             TP rank x s x s), bf16 beyond s = 1024 (MATMUL_MAX_SEQ) and fp32 with
+                             more threads than heads per TP rank
                              (judged on the planning process) run SDPA's masked kernel (above)
              parallel.selective_recompute drops, per block:
                attention     A = 4w (the QKV output, the checkpoint's input; the context),
