@@ -51,8 +51,8 @@ class AttentionImpl(str, enum.Enum):
     blocks = "blocks"
     # split where the tensors are on a GPU, blocks elsewhere (on one H200, glm-1b bf16 micro-batch 8:
     # split 5.6% faster than sdpa; on CPU, split is the slower one and blocks the faster, fp32
-    # forward + backward of 8x8x512x64 masked attention 97 against 125 ms, bf16 56-64 against
-    # 108-122 ms on AVX512-BF16)
+    # forward + backward of 8x8x512x64 masked attention 97 against 125 ms, bf16 80-86 against
+    # 108-132 ms on AVX512-BF16)
     auto = "auto"
 
     def resolve(self, device: Any) -> AttentionImpl:
