@@ -182,9 +182,8 @@ def attention_kernel(impl: str, heads: int, precision: str) -> str:
     kernel = AttentionImpl(impl).resolve("cpu")
     if kernel != AttentionImpl.blocks:
         return kernel.value
-    if not prefix_blocks.runs(dtype, 0.0, heads, SEQ):
-        return "sdpa (blocks hands it to the masked kernel here)"
-    return "blocks, matmuls" if dtype == torch.bfloat16 else "blocks, flash kernel"
+    blocks = prefix_blocks.kernel(dtype, 0.0, heads, SEQ)
+    return f"blocks, {blocks} kernel" if blocks else "sdpa (blocks hands it to the masked kernel here)"
 
 
 def cpu_description() -> str:

@@ -75,14 +75,21 @@ def pays_off(dtype: torch.dtype, heads: int, seq_len: int) -> bool:
     return available() and torch.get_num_threads() <= heads
 
 
+def kernel(dtype: torch.dtype, dropout_p: float, heads: int, seq_len: int) -> str | None:
+    """The kernel ``attention_impl=blocks`` runs for attention in ``dtype`` with this dropout, this
+    many heads (per TP rank) and keys: "flash" (FP32, :class:`_PrefixBlocks`), "matmul" (bf16,
+    :class:`_PrefixBlocksMatmul`), or None where the masked kernel does (model/attention.py): with
+    dropout (neither kernel here has any), where it does not pay (:func:`pays_off`), and in fp16.
+    model/attention.py hands bf16 here only on CPUs with native bf16 dot products (elsewhere it
+    upcasts to FP32 first)."""
+    if dropout_p != 0.0 or not pays_off(dtype, heads, seq_len):
+        return None
+    return "matmul" if dtype == torch.bfloat16 else "flash"
+
+
 def runs(dtype: torch.dtype, dropout_p: float, heads: int, seq_len: int) -> bool:
-    """Whether ``attention_impl=blocks`` runs this module for attention in ``dtype`` with this dropout,
-    this many heads (per TP rank) and keys; where not, the masked kernel does (model/attention.py).
-    No dropout (neither kernel here has any), and only where it pays (:func:`pays_off`). FP32 runs
-    through the flash kernel, bf16 through matmuls (:class:`_PrefixBlocksMatmul`). model/attention.py
-    hands bf16 here only on CPUs with native bf16 dot products (elsewhere it upcasts to FP32 first);
-    fp16 goes to the masked kernel."""
-    return dropout_p == 0.0 and pays_off(dtype, heads, seq_len)
+    """Whether ``attention_impl=blocks`` runs one of this module's kernels (:func:`kernel`)."""
+    return kernel(dtype, dropout_p, heads, seq_len) is not None
 
 
 def sample_blocks(prefix: int, seq_len: int, chunk: int = CHUNK) -> list[tuple[int, int]]:

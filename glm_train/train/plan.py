@@ -175,24 +175,21 @@ def _cpu_upcasts(cfg: GLMConfig) -> bool:
     return cpu_attention_upcasts(torch.float16 if cfg.precision == Precision.fp16 else torch.bfloat16)
 
 
-def _blocks_run(cfg: GLMConfig, fp32_kernel: bool) -> bool:
-    """model/prefix_blocks.py's own choice for this config on CPU, on this process's threads."""
+def _blocks_kernel(cfg: GLMConfig, device: str) -> str | None:
+    """model/prefix_blocks.py's kernel for this config ("flash", "matmul"), judged on this process's
+    threads, or None where attention_impl is not blocks on a CPU or blocks hands it to the masked kernel."""
     import torch
 
     from glm_train.model import prefix_blocks
 
-    half = torch.float16 if cfg.precision == Precision.fp16 else torch.bfloat16
-    dtype = torch.float32 if fp32_kernel else half
-    return prefix_blocks.runs(dtype, cfg.model.attention_dropout, cfg.model.heads // cfg.parallel.tp,
-                              cfg.model.seq_length)
-
-
-def _blocks_matmul(cfg: GLMConfig, device: str) -> bool:
-    """Whether attention runs model/prefix_blocks.py's bf16 matmul kernel (keeping probabilities)."""
-    impl = AttentionImpl(cfg.model.attention_impl).resolve(device)
-    if device != "cpu" or impl != AttentionImpl.blocks or _element_bytes(cfg) != 2 or _cpu_upcasts(cfg):
-        return False
-    return _blocks_run(cfg, fp32_kernel=False)
+    if device != "cpu" or AttentionImpl(cfg.model.attention_impl).resolve(device) != AttentionImpl.blocks:
+        return None
+    if _element_bytes(cfg) == 4 or _cpu_upcasts(cfg):  # half precision upcast to FP32 on such CPUs
+        dtype = torch.float32
+    else:
+        dtype = torch.float16 if cfg.precision == Precision.fp16 else torch.bfloat16
+    return prefix_blocks.kernel(dtype, cfg.model.attention_dropout, cfg.model.heads // cfg.parallel.tp,
+                                cfg.model.seq_length)
 
 
 def _kept_probabilities(cfg: GLMConfig) -> float:
@@ -218,14 +215,14 @@ def _attention_terms(cfg: GLMConfig, device: str, recompute: bool) -> tuple[floa
         return 4 * w, 0 if impl in (AttentionImpl.split, AttentionImpl.blocks) else 1, 0
     math_path = device == "cpu" and m.attention_dropout > 0  # CPU's fused SDPA has no dropout
     lse = 4 * m.heads / m.hidden  # the kernel's FP32 logsumexp [b, H, s]
-    fp32_kernel = w == 4 or (device == "cpu" and impl != AttentionImpl.eager and _cpu_upcasts(cfg))
-    if impl == AttentionImpl.blocks and not _blocks_run(cfg, fp32_kernel):
+    blocks = _blocks_kernel(cfg, device)
+    if impl == AttentionImpl.blocks and blocks is None:
         impl = AttentionImpl.sdpa  # blocks hands these to the masked kernel (model/attention.py)
-    if impl == AttentionImpl.blocks and not fp32_kernel:
+    if blocks == "matmul":
         # model/prefix_blocks.py's matmul kernel: rotated q, k, v's copy and the output (the dense
         # input is a view of it), no mask, and the probabilities of every block.
         return 4 * w, 0, _kept_probabilities(cfg)
-    if impl == AttentionImpl.blocks:
+    if blocks == "flash":
         # model/prefix_blocks.py: FP32 q, k, v and output, logsumexp, no mask (its causal table is
         # one per sequence length, not per layer); in half precision the FP32 copies of q, k, v and
         # the output (the half-precision ones are not kept) and the dense layer's cast back.
@@ -299,7 +296,7 @@ def backward_working_bytes(cfg: GLMConfig, device: str = "gpu") -> float:
     rebuilt = 0.0
     if "attention" in parts:  # the dropped tensors come back, plus the rotated and scaled copies of q, k
         rebuilt = sbh * (full_attn - kept_attn + 2 * w) / t + b * a / t * s * s * (full_scores - kept_scores)
-    if _blocks_matmul(cfg, device):
+    if _blocks_kernel(cfg, device) == "matmul":
         from glm_train.model import prefix_blocks
 
         # One block of one sample at a time: dP, the FP32 copy of P and dS, all FP32.
