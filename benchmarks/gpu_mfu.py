@@ -93,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="train.compile (torch.compile each block)")
     p.add_argument("--optimizer-impl", choices=["auto", "fused", "foreach", "for_loop"], default="auto",
                    help="train.optimizer_impl (AdamW kernel; default auto: torch's choice)")
+    p.add_argument("--head-chunk", type=int,
+                   help="train.head_chunk (scored tokens per fused head chunk; 0: the whole head; default: the "
+                        "config's, 4096)")
     p.add_argument("--selective", default="", help="parallel.selective_recompute, e.g. attention,geglu")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument(
@@ -135,6 +138,7 @@ def build_config(args: argparse.Namespace) -> Any:
     cfg.parallel.activation_checkpoint_interval = args.checkpoint_interval
     cfg.parallel.selective_recompute = [x for x in args.selective.split(",") if x]
     cfg.train.compile = args.compile
+    cfg.train.head_chunk = args.head_chunk
     cfg.train.optimizer_impl = OptimizerImpl(args.optimizer_impl)
     cfg.eval.every = 0
     validate(cfg, check_paths=False)
@@ -235,7 +239,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
-    from glm_train.config import AttentionImpl, OptimizerImpl
+    from glm_train.config import AttentionImpl, OptimizerImpl, head_chunk
     from glm_train.model.embedding import GLMEmbedding
     from glm_train.train.engine import build_engine, fused_adamw
     from glm_train.train.flops import hardware_flops_per_token, model_flops_per_token, recomputed_blocks
@@ -267,6 +271,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "activation_checkpoint_interval": args.checkpoint_interval,
         "selective_recompute": args.selective,
         "compile": args.compile,
+        "head_chunk": head_chunk(cfg),
         "optimizer_impl": args.optimizer_impl,
         "adamw": "fused" if fused_adamw(OptimizerImpl(args.optimizer_impl)) else args.optimizer_impl,
         "warmup_steps": args.warmup,

@@ -35,6 +35,8 @@ from tests.conftest import REPO, data_overrides
     (["debug.corrupt_steps=[5,2]"], "debug.corrupt_steps"),
     (["fp16.hysteresis=0"], "fp16.hysteresis"),
     (["stability.z_loss=-1"], "stability.z_loss"),
+    (["train.head_chunk=-1"], "train.head_chunk"),
+    (["precision=fp16", "train.head_chunk=512"], "train.head_chunk"),
     (["data.sources=[{path:a,weight:1},{path:b}]"], "data.sources"),
     (["data.sources=[{path:a,kind:text}]"], "lm, mip"),
     (["data.sources=[{path:a,bogus:1}]"], "bogus"),

@@ -7,7 +7,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from glm_train.parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_logsumexp
+from glm_train.parallel.comm import copy_to_tp
+from glm_train.parallel.cross_entropy import (
+    chunked_head_cross_entropy,
+    vocab_parallel_cross_entropy,
+    vocab_parallel_logsumexp,
+)
 from glm_train.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -88,6 +93,25 @@ def _check(rank: int) -> None:
     (lse.square() * w).sum().backward()
     (ref.square() * w).sum().backward()
     torch.testing.assert_close(local.grad, ref_in.grad.chunk(WORLD, dim=-1)[rank], rtol=1e-6, atol=1e-6)
+
+    # The fused head in chunks (train.head_chunk) on this rank's vocabulary rows against the plain
+    # FP32 computation over the full vocabulary: loss, hidden-state gradient (all-reduced by
+    # copy_to_tp's backward) and this rank's rows of the weight gradient.
+    hid = torch.randn(7, 4)
+    coeff = torch.rand(7)
+    tgt = torch.tensor([0, 4, 5, 9, 3, 7, 1])
+    hl = hid.clone().requires_grad_(True)
+    wl = we.chunk(WORLD)[rank].clone().requires_grad_(True)
+    fused = chunked_head_cross_entropy(copy_to_tp(hl), wl, tgt, coeff, 1e-2, chunk=3)
+    hr, wr_ = hid.clone().requires_grad_(True), we.clone().requires_grad_(True)
+    logits = hr @ wr_.T
+    lse_r = torch.logsumexp(logits, dim=-1)
+    ref = (coeff * (F.cross_entropy(logits, tgt, reduction="none") + 1e-2 * lse_r.square())).sum()
+    torch.testing.assert_close(fused, ref, rtol=1e-6, atol=1e-6)
+    fused.backward()
+    ref.backward()
+    torch.testing.assert_close(hl.grad, hr.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(wl.grad, wr_.grad.chunk(WORLD)[rank], rtol=1e-5, atol=1e-6)
 
     # TP-aware RNG: the default stream agrees across TP ranks, the forked (sharded) one differs,
     # and the fork is a function of the default stream (replayable by activation recomputation).

@@ -71,3 +71,87 @@ def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
     if tp_world_size() == 1:
         return torch.logsumexp(logits, dim=-1)
     return _VocabParallelLogSumExp.apply(logits)
+
+
+def _tp_all_reduce(t: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None:
+    if tp_world_size() > 1:
+        dist.all_reduce(t, op=op, group=tp_group())
+
+
+class _ChunkedHeadCrossEntropy(torch.autograd.Function):
+    """``sum_i c_i (CE_i + z lse_i^2)`` over logits ``h W^T`` made ``chunk`` rows at a time.
+
+    Each chunk's logits live only while its loss and its gradients are computed, in the forward
+    pass; backward scales the two saved gradients by the incoming scalar. So what the head holds
+    at the backward peak is ``dh`` and ``dW`` instead of ~12 bytes per logit, and the forward's
+    transient is one chunk's logits.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, coeff, z_loss, chunk, grads):  # type: ignore[override]
+        # hidden [N, d] (through copy_to_tp: its gradient is all-reduced over TP by autograd),
+        # weight [V/tp, d] this rank's vocabulary rows, target [N] global ids, coeff [N] FP32.
+        per, start = weight.shape[0], tp_rank() * weight.shape[0]
+        ctx.weight_dtype = weight.dtype
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if grads else None
+        # FP32 sums over chunks: bf16 partial sums would round once per chunk.
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads else None
+        for lo in range(0, hidden.shape[0], chunk):
+            h, t, c = hidden[lo:lo + chunk], target[lo:lo + chunk], coeff[lo:lo + chunk]
+            logits = F.linear(h, weight).float()
+            top = logits.max(dim=-1).values
+            _tp_all_reduce(top, dist.ReduceOp.MAX)
+            logits.sub_(top.unsqueeze(-1))
+            local = t - start
+            outside = (local < 0) | (local >= per)
+            local = local.masked_fill(outside, 0).unsqueeze(-1)
+            predicted = logits.gather(-1, local).squeeze(-1).masked_fill(outside, 0.0)
+            _tp_all_reduce(predicted)
+            probs = logits.exp_()
+            sum_exp = probs.sum(dim=-1)
+            _tp_all_reduce(sum_exp)
+            lse = sum_exp.log()  # of the shifted logits
+            loss = lse - predicted
+            if z_loss:
+                full_lse = lse + top
+                loss = loss + z_loss * full_lse.square()
+            total += (c * loss).sum()
+            if not grads:
+                continue
+            # d/dlogit = c ((1 + 2 z lse) softmax - onehot(target))
+            scale = c / sum_exp if not z_loss else c * (1 + 2 * z_loss * full_lse) / sum_exp
+            probs.mul_(scale.unsqueeze(-1))
+            probs.scatter_add_(-1, local, (-c).masked_fill(outside, 0.0).unsqueeze(-1))
+            g = probs.to(hidden.dtype)
+            del probs, logits
+            torch.mm(g, weight, out=grad_h[lo:lo + chunk])
+            if g.dtype == torch.float32:
+                grad_w.addmm_(g.t(), h)
+            else:
+                grad_w += torch.mm(g.t(), h)
+            del g  # before the next chunk's logits: two chunks' worth at once otherwise
+        ctx.save_for_backward(grad_h, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad, (grad_w * grad).to(ctx.weight_dtype), None, None, None, None, None
+
+
+def chunked_head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                               coeff: torch.Tensor, z_loss: float, chunk: int) -> torch.Tensor:
+    """``sum_i coeff_i (CE_i + z_loss lse_i^2)`` of the tied head's logits ``hidden weight^T``, FP32.
+
+    hidden [N, d] is the scored positions' hidden states (already through ``copy_to_tp`` under TP),
+    weight [V/tp, d] this rank's vocabulary rows, target [N] global token ids, coeff [N] FP32 per-token
+    weights (the loss mask over the token count). Logits are made ``chunk`` rows at a time and the
+    gradients in the forward pass, so no [N, V/tp] tensor outlives its chunk. Not for fp16: its
+    gradients need the loss scale inside the head (the logits' gradient underflows without it).
+    """
+    if hidden.dtype == torch.float16:
+        raise ValueError("chunked_head_cross_entropy: fp16 needs the loss scale inside the head's gradient")
+    grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _ChunkedHeadCrossEntropy.apply(hidden, weight, target, coeff.float(), float(z_loss), max(1, chunk),
+                                          grads)

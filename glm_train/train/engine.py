@@ -9,7 +9,7 @@ from typing import Any
 import deepspeed
 import torch
 
-from glm_train.config import GLMConfig, OptimizerImpl, Precision
+from glm_train.config import GLMConfig, OptimizerImpl, Precision, head_chunk
 from glm_train.parallel.grad_norm import clip_grad_norm
 from glm_train.parallel.random import TP_RANDOM
 from glm_train.parallel.topology import ParallelState
@@ -76,6 +76,8 @@ def build_engine(cfg: GLMConfig, backend: str) -> tuple[deepspeed.PipelineEngine
     module = glm_pipeline(cfg.model, cfg.train.seed, par.topology, partition=cfg.parallel.partition,
                           activation_checkpoint_interval=cfg.parallel.activation_checkpoint_interval,
                           selective_recompute=frozenset(cfg.parallel.selective_recompute))
+    if getattr(module, "loss_fn", None) is not None:
+        module.loss_fn.head_chunk = head_chunk(cfg)
     t = cfg.train
     if t.compile:
         compile_blocks(module)

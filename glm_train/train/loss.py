@@ -12,7 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm_train.model.embedding import shrink_gradient
-from glm_train.parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_logsumexp
+from glm_train.parallel.comm import copy_to_tp
+from glm_train.parallel.cross_entropy import (
+    chunked_head_cross_entropy,
+    vocab_parallel_cross_entropy,
+    vocab_parallel_logsumexp,
+)
 
 
 def masked_token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -54,8 +59,32 @@ class GLMHeadLoss(nn.Module):
     z_loss = 0.0
     """Weight of the z-loss, ``z * mean(logsumexp(logits)^2)`` over scored tokens (PaLM); 0 disables."""
 
+    head_chunk = 0
+    """Scored tokens per chunk of the fused head + loss (``chunked_head_cross_entropy``); 0: the head's
+    logits all at once, kept with their FP32 softmax for the backward pass."""
+
     def forward(self, hidden: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         targets, loss_mask = labels
+        if self.head_chunk > 0:
+            loss = self._chunked(hidden, targets, loss_mask)
+        else:
+            loss = self._whole(hidden, targets, loss_mask)
+        if self.grad_multiplier != 1.0:
+            loss = shrink_gradient(loss, self.grad_multiplier)
+        return loss
+
+    def _chunked(self, hidden: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+        sel = loss_mask.reshape(-1) != 0
+        h = copy_to_tp(hidden.reshape(-1, hidden.shape[-1])[sel])
+        weights = loss_mask.reshape(-1)[sel].float()
+        if self.sum_only:
+            return chunked_head_cross_entropy(h, self._embedding.weight, targets.reshape(-1)[sel], weights,
+                                              0.0, self.head_chunk)
+        coeff = weights / weights.sum().clamp(min=1.0)
+        return chunked_head_cross_entropy(h, self._embedding.weight, targets.reshape(-1)[sel], coeff,
+                                          self.z_loss, self.head_chunk)
+
+    def _whole(self, hidden: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
         if self.z_loss > 0 and not self.sum_only:
             losses, weights, lse = self.scored(hidden, targets, loss_mask, with_lse=True)
         else:
@@ -66,6 +95,4 @@ class GLMHeadLoss(nn.Module):
         loss = (losses * weights).sum() / count
         if self.z_loss > 0:
             loss = loss + self.z_loss * (lse.square() * weights).sum() / count
-        if self.grad_multiplier != 1.0:
-            loss = shrink_gradient(loss, self.grad_multiplier)
         return loss

@@ -81,9 +81,14 @@ activations  what autograd keeps of one block for one micro-batch (activation_by
              until the micro-batch's backward pass is over
 peak phases  the activations above peak at the first backward op of a stage's step, on top of:
                head      (last stage) the final LayerNorm's input and the scored hidden states
-                         (1 + f) s*b*h*w, and 12 bytes per scored logit: f s b V / t of them
+                         (1 + f) s*b*h*w, f ~ 0.5 Part-B tokens, and with the whole head
+                         (train.head_chunk = 0) 12 bytes per scored logit: f s b V / t of them
                          (FP32 log-softmax output, its incoming gradient and its result; the bf16
-                         logits and their FP32 copy are gone by then), f ~ 0.5 Part-B tokens
+                         logits and their FP32 copy are gone by then); with the fused head in chunks
+                         of c tokens, at the forward's last chunk, the scored states' gradient
+                         f s*b*h*w, the FP32 weight gradient 4 V h / t and 4 + w bytes per logit of
+                         one chunk, min(c, f s b) V / t (its bf16 logits and their FP32 copy, then the
+                         FP32 softmax and its bf16 gradient; in FP32 the one tensor, 4 bytes)
                backward  (every stage, when larger) one block's backward: w s*b*h (2 + 2I / (h t)) for
                          the incoming gradient, the one LN2 accumulates and the GeGLU gradients
                          (+ I / (h t) when geglu is recomputed), or, when attention matrices are rebuilt
@@ -111,7 +116,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from glm_train.config import AttentionImpl, GLMConfig, ModelConfig, OptimizerImpl, Precision
+from glm_train.config import AttentionImpl, GLMConfig, ModelConfig, OptimizerImpl, Precision, head_chunk
 from glm_train.train.flops import model_flops_per_token
 
 GIB = 1024**3
@@ -309,11 +314,17 @@ def backward_working_bytes(cfg: GLMConfig, device: str = "gpu") -> float:
 
 
 def head_bytes(cfg: GLMConfig) -> float:
-    """The last stage's buffers at the loss's backward (docstring, "head"), per micro-batch."""
-    m, t = cfg.model, cfg.parallel.tp
+    """The last stage's buffers at the head's peak (docstring, "head"), per micro-batch."""
+    m, t, w = cfg.model, cfg.parallel.tp, _element_bytes(cfg)
     sbh = m.seq_length * cfg.train.micro_batch * m.hidden
     scored = m.seq_length * cfg.train.micro_batch * SCORED_FRACTION
-    return (1 + SCORED_FRACTION) * sbh * _element_bytes(cfg) + scored * (m.vocab_size or 0) / t * LOGIT_BYTES
+    vocab = (m.vocab_size or 0) / t
+    chunk = head_chunk(cfg)
+    if chunk == 0:
+        return (1 + SCORED_FRACTION) * sbh * w + scored * vocab * LOGIT_BYTES
+    # One chunk's FP32 logits, and in 2-byte precisions their bf16 matmul output, then their gradient.
+    per_logit = 4 + (w if w < 4 else 0)
+    return (1 + 2 * SCORED_FRACTION) * sbh * w + 4 * vocab * m.hidden + per_logit * min(chunk, scored) * vocab
 
 
 def _stored_per_microbatch(cfg: GLMConfig, device: str, layers: range) -> tuple[float, float, int]:

@@ -1,0 +1,140 @@
+"""The output head + loss, whole against fused in chunks (``train.head_chunk``): time and memory.
+
+    python benchmarks/head_loss.py [--tokens 2048 --hidden 512 --vocab 8192] [--chunks 0,1024,4096]
+                                   [--dtypes bf16,fp32] [--rounds 7] [--device cpu|cuda] [--json FILE]
+
+``GLMHeadLoss`` exactly as training runs it (TP = 1): ``--tokens`` scored positions of a
+[tokens, hidden] batch (all of them scored), the tied head over ``--vocab`` rows, FP32 cross-entropy,
+forward + backward. The variants run alternately, one call each per round, after one untimed call
+each; medians over the rounds. Memory: bytes the forward keeps for backward (saved-tensor hooks), and
+on a GPU the peak allocated over one call above what was allocated before it. The default shape is
+the throughput benchmark's head (micro-batch 8 x 512 positions, half scored). Prints a table;
+``--json FILE`` writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from glm_train.train.loss import GLMHeadLoss  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class _TiedHead(nn.Module):
+    """The embedding's head interface at TP = 1 (``GLMEmbedding.logits``)."""
+
+    def __init__(self, vocab: int, hidden: int, dtype: torch.dtype, device: str) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(vocab, hidden, dtype=dtype, device=device) * 0.02)
+
+    def logits(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor:
+        return torch.nn.functional.linear(hidden, self.weight)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    torch.manual_seed(0)
+    chunks = [int(c) for c in args.chunks.split(",")]
+    return [row for name in args.dtypes.split(",") for row in _one_dtype(args, name, chunks)]
+
+
+def _one_dtype(args: argparse.Namespace, name: str, chunks: list[int]) -> list[dict[str, Any]]:
+    rows = []
+    dtype = DTYPES[name]
+    head = _TiedHead(args.vocab, args.hidden, dtype, args.device)
+    fn = GLMHeadLoss(head)
+    hidden = torch.randn(1, args.tokens, args.hidden, dtype=dtype, device=args.device, requires_grad=True)
+    targets = torch.randint(0, args.vocab, (1, args.tokens), device=args.device)
+    mask = torch.ones(1, args.tokens, device=args.device)
+
+    def call(chunk: int) -> float:
+        fn.head_chunk = chunk
+        hidden.grad = head.weight.grad = None
+        _sync(args.device)
+        t0 = time.perf_counter()
+        fn(hidden, (targets, mask)).backward()
+        _sync(args.device)
+        return time.perf_counter() - t0
+
+    def saved_bytes(chunk: int) -> int:
+        fn.head_chunk = chunk
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(hidden, (targets, mask))
+        return sum(storages.values())
+
+    def peak_bytes(chunk: int) -> int | None:
+        if args.device != "cuda":
+            return None
+        hidden.grad = head.weight.grad = None
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn.head_chunk = chunk
+        fn(hidden, (targets, mask)).backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    times: dict[int, list[float]] = {c: [] for c in chunks}
+    for c in chunks:
+        call(c)  # untimed
+    for _ in range(args.rounds):
+        for c in chunks:
+            times[c].append(call(c))
+    whole = statistics.median(times[chunks[0]])
+    for c in chunks:
+        med = statistics.median(times[c])
+        rows.append({"dtype": name, "head_chunk": c, "tokens": args.tokens, "hidden": args.hidden,
+                     "vocab": args.vocab, "device": args.device, "median_s": med,
+                     "times_s": times[c], "vs_first": med / whole,
+                     "saved_for_backward_bytes": saved_bytes(c), "peak_bytes": peak_bytes(c)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=2048, help="scored positions")
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--chunks", default="0,1024,4096", help="head_chunk values; the first is the baseline")
+    p.add_argument("--dtypes", default="bf16,fp32")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="write the rows here")
+    args = p.parse_args(argv)
+    rows = run(args)
+    print(f"head + loss, {args.tokens} scored tokens x hidden {args.hidden} x vocabulary {args.vocab}, "
+          f"{args.device}, forward + backward, medians of {args.rounds} alternating rounds")
+    print(f"{'dtype':>5} {'head_chunk':>10} {'ms':>8} {'vs first':>8} {'kept for bwd MiB':>16} {'peak MiB':>9}")
+    for r in rows:
+        peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f}"
+        print(f"{r['dtype']:>5} {r['head_chunk']:>10} {r['median_s'] * 1e3:>8.1f} {r['vs_first']:>8.3f} "
+              f"{r['saved_for_backward_bytes'] / 2**20:>16.1f} {peak:>9}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,145 @@
+"""The fused, chunked head + cross-entropy (train.head_chunk) against the whole head and exact FP64:
+the same loss and gradients, less memory kept for backward, the same training run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from glm_train.parallel.cross_entropy import chunked_head_cross_entropy
+from glm_train.train.loss import GLMHeadLoss
+from tests.test_train import _steps, _train
+
+N_BATCH, SEQ, HIDDEN, VOCAB = 4, 64, 32, 96
+
+
+class _Embedding(nn.Module):
+    """The tied embedding's head interface, as GLMEmbedding offers it at TP=1."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+    def logits(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor:
+        return hidden @ self.weight.t()
+
+
+def _inputs(peaked: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(N_BATCH, SEQ, HIDDEN, generator=g, dtype=torch.float64)
+    weight = torch.randn(VOCAB, HIDDEN, generator=g, dtype=torch.float64) * (1.0 if peaked else 0.1)
+    targets = torch.randint(0, VOCAB, (N_BATCH, SEQ), generator=g)
+    # Loss-mask weights other than 0 and 1 too: the coefficients carry them.
+    mask = (torch.rand(N_BATCH, SEQ, generator=g) < 0.5).double() * torch.randint(1, 3, (N_BATCH, SEQ), generator=g)
+    return hidden, weight, targets, mask
+
+
+def _run(chunk: int, dtype: torch.dtype, z_loss: float = 0.0, peaked: bool = False,
+         sum_only: bool = False) -> tuple[torch.Tensor, ...]:
+    hidden, weight, targets, mask = _inputs(peaked)
+    emb = _Embedding(weight.to(dtype))
+    fn = GLMHeadLoss(emb)
+    fn.head_chunk, fn.z_loss, fn.sum_only = chunk, z_loss, sum_only
+    h = hidden.to(dtype).requires_grad_()
+    loss = fn(h, (targets, mask.float()))
+    loss.backward()
+    return loss.detach().double(), h.grad.double(), emb.weight.grad.double()
+
+
+def _exact(z_loss: float = 0.0, peaked: bool = False, sum_only: bool = False) -> tuple[torch.Tensor, ...]:
+    """The definition in FP64, written out: weighted mean of CE + z lse^2 over the scored tokens."""
+    hidden, weight, targets, mask = _inputs(peaked)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logits = h @ w.t()
+    lse = torch.logsumexp(logits, dim=-1)
+    per_token = lse - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) + z_loss * lse.square()
+    loss = (per_token * mask).sum() / (1.0 if sum_only else mask.sum())
+    loss.backward()
+    return loss.detach(), h.grad, w.grad
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 100_000])
+@pytest.mark.parametrize("z_loss", [0.0, 1e-2])
+def test_chunked_head_equals_the_whole_head_in_fp32(chunk, z_loss):
+    exact, whole, got = _exact(z_loss), _run(0, torch.float32, z_loss), _run(chunk, torch.float32, z_loss)
+    for name, a, b, e in zip(("loss", "d hidden", "d weight"), got, whole, exact, strict=True):
+        # FP32 rounding (errors of about 2e-7 here), in a different order: equal to rounding.
+        assert _rel(a, b) < 1e-6, (name, _rel(a, b))
+        assert _rel(a, e) < 1e-6 and _rel(a, e) <= 2 * _rel(b, e) + 2e-7, (name, _rel(a, e), _rel(b, e))
+
+
+@pytest.mark.parametrize("peaked", [False, True], ids=["flat", "peaked"])
+def test_chunked_bf16_head_is_as_close_to_exact_as_the_whole_head(peaked):
+    exact = _exact(1e-2, peaked)
+    whole = _run(0, torch.bfloat16, 1e-2, peaked)
+    for chunk in (16, 64, 100_000):
+        got = _run(chunk, torch.bfloat16, 1e-2, peaked)
+        for name, a, b, e in zip(("loss", "d hidden", "d weight"), got, whole, exact, strict=True):
+            # Chunks round the weight gradient's partial sums to bf16 once each: a little more error.
+            assert _rel(a, e) <= 1.5 * _rel(b, e) + 1e-6, (chunk, name, _rel(a, e), _rel(b, e))
+
+
+def test_sum_only_evaluation_without_grad_equals_the_whole_head():
+    hidden, weight, targets, mask = _inputs()
+    fn = GLMHeadLoss(_Embedding(weight.float()))
+    fn.sum_only = True
+    with torch.no_grad():
+        whole = fn(hidden.float(), (targets, mask.float()))
+        fn.head_chunk = 5
+        chunked = fn(hidden.float(), (targets, mask.float()))
+    exact = _exact(sum_only=True)[0]
+    assert _rel(chunked.double(), exact) < 1e-6 and _rel(whole.double(), exact) < 1e-6
+
+
+def _saved_bytes(chunk: int) -> int:
+    hidden, weight, targets, mask = _inputs()
+    fn = GLMHeadLoss(_Embedding(weight.float()))
+    fn.head_chunk = chunk
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    h = hidden.float().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(h, (targets, mask.float()))
+    return sum(storages.values())
+
+
+def test_chunked_head_keeps_no_logits_for_backward():
+    scored = int((_inputs()[3] != 0).sum())
+    whole, chunked = _saved_bytes(0), _saved_bytes(16)
+    assert whole >= scored * VOCAB * 4  # at least the FP32 log-softmax
+    # The hidden states' and the weight's gradients, and the selection's indices: no [N, V] tensor.
+    assert chunked <= scored * HIDDEN * 4 + VOCAB * HIDDEN * 4 + N_BATCH * SEQ * 8, chunked
+    assert chunked < scored * VOCAB * 4
+
+
+def test_fp16_is_refused():
+    h = torch.randn(4, 8, dtype=torch.float16, requires_grad=True)
+    with pytest.raises(ValueError, match="fp16"):
+        chunked_head_cross_entropy(h, torch.randn(10, 8, dtype=torch.float16), torch.zeros(4, dtype=torch.long),
+                                   torch.ones(4), 0.0, 2)
+
+
+@pytest.mark.slow
+def test_training_with_the_chunked_head_follows_the_whole_head(tiny_data, tmp_path):
+    """Two real runs, the same data and seed, the head whole and in chunks of 5 tokens (many chunks
+    per micro-batch), with the z-loss on: the same losses and gradient norms to rounding."""
+    common = ["train.iters=6", "eval.every=2", "checkpoint.every=0", "stability.z_loss=1e-3"]
+    _train(tiny_data, tmp_path / "whole", *common, "train.head_chunk=0")
+    _train(tiny_data, tmp_path / "chunked", *common, "train.head_chunk=5")
+    whole, chunked = _steps(tmp_path / "whole"), _steps(tmp_path / "chunked")
+    assert len(whole) == len(chunked) == 6
+    # The two forms sum in different orders: equal bits throughout would mean the setting never
+    # reached the loss.
+    assert any(a["loss"] != b["loss"] for a, b in zip(whole, chunked, strict=True))
+    for a, b in zip(whole, chunked, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (a["step"], a["grad_norm"], b["grad_norm"])
