@@ -250,8 +250,9 @@ class TrainConfig:
     """Scored tokens per chunk of the fused output head + cross-entropy (train/loss.py). Each chunk's
     logits are made, turned into its loss and its gradients in the forward pass, and freed, so the
     head holds its input's and weight's gradients at the backward peak instead of about 12 bytes per
-    logit (glm-1b, micro-batch 24: 14 GiB -> under 1 GiB), and it is faster: one pass less over the
-    logits (CPU, 2048 x 8192 logits: 0.75-0.84 of the whole head's time). None: 4096 (0 under fp16);
+    logit (glm-1b, micro-batch 24, by glm-plan: 14.1 -> 1.9 GiB at the head's peak), and it is faster:
+    one pass less over the logits (CPU, 2048 x 8192 logits: 0.84-0.88 of the whole head's time,
+    benchmarks/head_loss.py). None: 4096 (0 under fp16);
     0: all logits at once, kept with their softmax for backward, the only choice under fp16 (its loss
     scale must be inside the logits' gradient, which the fused form makes before the scale is known)."""
     rampup: RampupConfig = field(default_factory=RampupConfig)
