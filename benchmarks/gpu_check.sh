@@ -232,7 +232,7 @@ if ok:
           f"{r0.get('model_gflops_per_token', 0):.3f} model GFLOP/token")
     top = max(r["peak_tflops_measured"] for _, r in ok)
     hdr = (f"{'variant':<26} {'mb':>3} {'attention':>9} {'drop':>4} {'compile':>7} {'head':>5} {'AdamW':>6} {'step s':>7} "
-           f"{'tokens/s':>9} {'TFLOP/s':>8} {'peak':>5} {'MFU':>6} {'MFU max':>7} {'MFU ds':>6} {'mem GiB':>7}  "
+           f"{'tokens/s':>9} {'TFLOP/s':>8} {'peak':>5} {'MFU':>6} {'MFU max':>7} {'MFU ds':>6} {'mem GiB':>7} {'resv':>5}  "
            "loss first -> last")
     print(hdr)
     for n, r in ok:
@@ -242,8 +242,10 @@ if ok:
               f"{r.get('adamw', r.get('optimizer_impl', 'auto')):>6} {r['step_time_mean_s']:>7.4f} "
               f"{r['tokens_per_s']:>9.0f} {r['model_tflops']:>8.1f} {r['peak_tflops_measured']:>5.0f} "
               f"{r['mfu_vs_measured_peak']:>6.1%} {r['model_tflops'] / top:>7.1%} "
-              f"{(r['mfu_vs_datasheet'] or 0):>6.1%} {r.get('peak_memory_allocated_gib', 0):>7.1f}  "
+              f"{(r['mfu_vs_datasheet'] or 0):>6.1%} {r.get('peak_memory_allocated_gib', 0):>7.1f} "
+              f"{r.get('peak_memory_reserved_gib') or 0:>5.1f}  "
               f"{r['first_loss']:.6g} -> {r['last_loss']:.6g}")
+    print("(mem GiB / resv: CUDA's peak allocated / reserved memory)")
     print(f"(MFU: model FLOPs per second over the bf16 matmul peak measured in the same process, which "
           f"varies by a few percent from process to process; MFU max: over the highest of them, {top:.0f} "
           f"TFLOP/s; MFU ds: over the datasheet's dense figure)")
@@ -254,11 +256,13 @@ if ok:
               f"peak, {h['mfu_vs_datasheet'] or 0:.1%} of the datasheet")
         compiled = [r for n, r in ok if n.startswith("compile_mb")]
         for c in sorted(compiled, key=lambda r: -r["micro_batch"]):
+            resv = c.get("peak_memory_reserved_gib")
+            mem = "" if resv is None else (
+                f", {c.get('peak_memory_allocated_gib', 0):.1f} GiB allocated and {resv:.1f} reserved at the peak "
+                f"({'within' if resv < 79 else 'beyond'} an 80 GB H100's 79 GiB; allocator {c.get('alloc_conf')})")
             print(f"with train.compile=true at micro-batch {c['micro_batch']}: {c['tokens_per_s']:.0f} tokens/s, "
                   f"{c['model_tflops']:.1f} TFLOP/s, MFU {c['model_tflops'] / top:.1%} of the highest measured "
-                  f"peak ({c['tokens_per_s'] / h['tokens_per_s'] - 1:+.1%} tokens/s against the headline), "
-                  f"{c.get('peak_memory_allocated_gib', 0):.1f} GiB allocated at the peak "
-                  f"({'within' if c.get('peak_memory_allocated_gib', 99) < 79 else 'beyond'} an 80 GB H100's 79 GiB)")
+                  f"peak ({c['tokens_per_s'] / h['tokens_per_s'] - 1:+.1%} tokens/s against the headline){mem}")
 for n, r in runs:
     if r.get("status") != "ok":
         print(f"MFU {n}: {r.get('status')} at micro-batch {r.get('micro_batch')}: {str(r.get('error'))[:300]}")

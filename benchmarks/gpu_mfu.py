@@ -314,6 +314,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if cuda:
         res["peak_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         res["peak_memory_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+        res["alloc_conf"] = os.environ.get("PYTORCH_ALLOC_CONF", os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
         res["device_memory_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
     # The peak right after training, on a GPU as warm (clocks, power) as the timed steps.
     peak_n = args.peak_size or (8192 if cuda else 1024)
@@ -402,6 +403,8 @@ def print_table(res: dict[str, Any]) -> None:
         ("MFU vs measured peak", res.get("mfu_vs_measured_peak")),
         ("MFU vs datasheet", res.get("mfu_vs_datasheet")),
         ("peak memory allocated (GiB)", res.get("peak_memory_allocated_gib")),
+        ("peak memory reserved (GiB)", res.get("peak_memory_reserved_gib")),
+        ("CUDA allocator settings", res.get("alloc_conf")),
         ("TF32 matmul / fp32 precision", f"{res.get('tf32_matmul')} / {res.get('float32_matmul_precision')}"),
         ("loss first -> last", f"{fmt(res.get('first_loss'))} -> {fmt(res.get('last_loss'))}"),
     ]

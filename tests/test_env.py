@@ -52,3 +52,29 @@ def test_large_blocks_come_from_the_heap_and_stay():
     assert kept["during"]["mmapped"] == kept["before"]["mmapped"], kept
     assert kept["during"]["heap"] - kept["before"]["heap"] >= 256 * MIB, kept
     assert kept["after"]["heap"] == kept["during"]["heap"], kept  # not trimmed: reused next time
+
+
+_ALLOC = """
+import json, os
+from glm_train.env import setup_environment
+setup_environment()
+print(json.dumps({k: os.environ.get(k) for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}))
+"""
+
+
+@pytest.mark.parametrize("given,expected", [
+    ({}, {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "PYTORCH_ALLOC_CONF": None}),
+    ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"},
+     {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128", "PYTORCH_ALLOC_CONF": None}),
+    ({"PYTORCH_ALLOC_CONF": "expandable_segments:False"},
+     {"PYTORCH_CUDA_ALLOC_CONF": None, "PYTORCH_ALLOC_CONF": "expandable_segments:False"}),
+], ids=["default", "user_cuda_name", "user_new_name"])
+def test_cuda_allocator_gets_expandable_segments_unless_configured(given, expected):
+    """The caching allocator reads its settings once, at its first use: setup_environment must set
+    them before anything else does, and never over a user's own (either variable name)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
+    env.update(given, OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    out = subprocess.run([sys.executable, "-c", _ALLOC], env=env, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == expected

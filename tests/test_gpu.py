@@ -152,6 +152,48 @@ def test_fused_kernels_match_eager_on_gpu(impl):
     assert errs["bf16_out_rel_l2"] <= 2e-2 and errs["bf16_grad_rel_l2"] <= 2e-2, errs
 
 
+def test_fused_head_on_gpu_matches_the_whole_head():
+    """The fused, chunked head + loss (train.head_chunk) on the GPU against the whole head on the GPU,
+    both measured against the CPU's whole head from FP64 inputs (its softmax in FP32: a reference to
+    about 1e-7): FP32 equal to rounding, bf16 within 1.5x the whole head's error."""
+    from glm_train.train.loss import GLMHeadLoss
+
+    g = torch.Generator().manual_seed(0)
+    n, d, vocab = 2048, 256, 8192
+    hidden64 = torch.randn(1, n, d, generator=g, dtype=torch.float64)
+    weight64 = torch.randn(vocab, d, generator=g, dtype=torch.float64) * 0.2
+    targets = torch.randint(0, vocab, (1, n), generator=g)
+    mask = (torch.rand(1, n, generator=g) < 0.5).float()
+
+    class Head(torch.nn.Module):
+        def __init__(self, w: torch.Tensor) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(w)
+
+        def logits(self, h: torch.Tensor, gather: bool = True) -> torch.Tensor:
+            return h @ self.weight.t()
+
+    def run(device: str, dtype: torch.dtype, chunk: int) -> list[torch.Tensor]:
+        head = Head(weight64.to(device=device, dtype=dtype, copy=True))
+        fn = GLMHeadLoss(head)
+        fn.head_chunk, fn.z_loss = chunk, 1e-3
+        h = hidden64.to(device=device, dtype=dtype, copy=True).requires_grad_()
+        loss = fn(h, (targets.to(device), mask.to(device)))
+        loss.backward()
+        return [t.detach().double().cpu() for t in (loss, h.grad, head.weight.grad)]
+
+    exact = run("cpu", torch.float64, 0)
+    errs = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        whole, fused = run(DEVICE, dtype, 0), run(DEVICE, dtype, 512)
+        for part, a, b, e in zip(("loss", "dh", "dw"), fused, whole, exact, strict=True):
+            errs[f"{name}_{part}_fused"], errs[f"{name}_{part}_whole"] = _rel(a, e), _rel(b, e)
+    _report("fused_head", **errs)
+    for part in ("loss", "dh", "dw"):
+        assert errs[f"fp32_{part}_fused"] <= 1e-5, errs
+        assert errs[f"bf16_{part}_fused"] <= 1.5 * errs[f"bf16_{part}_whole"] + 1e-6, errs
+
+
 # ---------------------------------------------------------------------- training through the CLI
 TRAIN = [
     "model=tiny",
