@@ -95,7 +95,7 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
         ctx.weight_dtype = weight.dtype
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if grads else None
-        # FP32 sums over chunks: bf16 partial sums would round once per chunk.
+        # Summed over chunks in FP32: a bf16 running sum would round the total at every chunk.
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads else None
         for lo in range(0, hidden.shape[0], chunk):
             h, t, c = hidden[lo:lo + chunk], target[lo:lo + chunk], coeff[lo:lo + chunk]
