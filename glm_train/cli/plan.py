@@ -51,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     peak = args.peak_tflops or cfg.hardware.peak_tflops or 989.0
     par = cfg.parallel
     selective = ", ".join(par.selective_recompute) or "none"
+    if cfg.train.compile:
+        selective += " (train.compile: Inductor recomputes gelu(gate) itself)"
     print(f"{m.name}: L={m.layers} h={m.hidden} heads={m.heads} ffn={m.ffn_size()} V={m.vocab_size} "
           f"s={m.seq_length}; tp={par.tp} pp={par.pp} dp={r['dp']} ZeRO-{par.zero_stage} {cfg.precision.value}, "
           f"micro-batch {cfg.train.micro_batch}, global {cfg.train.global_batch} "

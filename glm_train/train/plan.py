@@ -73,6 +73,14 @@ activations  what autograd keeps of one block for one micro-batch (activation_by
                              M = 1 (the bool mask input; 0 for split and blocks), S = 0, whatever the
                              kernel
                geglu         gelu(gate): 4I w / h becomes 3I w / h
+             train.compile keeps what selective geglu keeps (Inductor's partitioner recomputes
+             gelu(gate) itself), and its hidden dropout masks are bool on CPU too. Measured peaks
+             against this rule: plan_check CPU fp32 1.470 against 1.471 GiB and bf16 1.210 against
+             1.215; glm-1b bf16 on an H200, 115.6 against 115.5 GiB at micro-batch 24 and 50.4
+             against 50.0 at 8; one compiled block's saved tensors in tests/test_plan.py (sdpa,
+             split, blocks; within 2%), where the S x S dropout mask of CPU's math path is bool
+             too. Not modelled: eager attention compiled, whose S x S tensors Inductor partly
+             recomputes (13% of a bf16 block less than estimated, measured once)
              in-flight: 1F1B keeps min(pp - stage, m) micro-batches on a stage (m micro-batches per
              pipeline); per micro-batch a stage keeps, for each block, all of the above, or with
              parallel.activation_checkpoint_interval = k only each checkpointed chunk's input (s*b*h*w;
@@ -211,7 +219,8 @@ def _attention_terms(cfg: GLMConfig, device: str, recompute: bool) -> tuple[floa
     """(A per s*b*h / t, M per b*s*s, S per b*a*s*s / t) of the attention path (module docstring)."""
     m = cfg.model
     w = _element_bytes(cfg)
-    drop_mask = w if device == "cpu" else 1
+    compiled = cfg.train.compile
+    drop_mask = w if device == "cpu" and not compiled else 1  # Inductor keeps bool masks
     impl = AttentionImpl(m.attention_impl).resolve(device)
     if impl == AttentionImpl.blocks and device != "cpu":
         impl = AttentionImpl.split  # blocks is a CPU kernel; elsewhere it runs split
@@ -254,10 +263,20 @@ def _attention_terms(cfg: GLMConfig, device: str, recompute: bool) -> tuple[floa
         # q, k, v: rotary_qkv's [b, s, H, D] tensors; the output is laid out like q (CPU) or
         # [b, s, H, D] anyway (CUDA), so the dense input is a view of it.
         return 4 * w + 4 * m.heads / m.hidden, w, 0
-    if impl == AttentionImpl.sdpa:  # SDPA's math path
-        return 3 * 4 + w, 0, 12
+    if impl == AttentionImpl.sdpa:  # SDPA's math path: FP32 probabilities, dropout mask, dropped ones
+        return 3 * 4 + w, 0, 8 + (1 if compiled else 4)
     scores = 4 + (drop_mask + w if m.attention_dropout > 0 else (w if w == 2 else 0))
     return 4 * w, 1, scores
+
+
+def recomputed_parts(cfg: GLMConfig) -> set[str]:
+    """The block parts whose tensors backward rebuilds instead of keeping (docstring, "compile").
+
+    ``parallel.selective_recompute``, and with ``train.compile`` also geglu: Inductor's partitioner
+    recomputes gelu(gate) from the saved gate instead of keeping it, and a compiled block keeps
+    what the geglu rule says to within 0.5% (CPU fp32 and bf16, H200 bf16 at micro-batches 8 and 24).
+    """
+    return set(cfg.parallel.selective_recompute) | ({"geglu"} if cfg.train.compile else set())
 
 
 def activation_bytes_per_layer(cfg: GLMConfig, device: str = "gpu", selective: bool = True) -> float:
@@ -269,12 +288,12 @@ def activation_bytes_per_layer(cfg: GLMConfig, device: str = "gpu", selective: b
     m, t = cfg.model, cfg.parallel.tp
     s, b, h, a, f = m.seq_length, cfg.train.micro_batch, m.hidden, m.heads, m.ffn_size()
     w = _element_bytes(cfg)
-    parts = set(cfg.parallel.selective_recompute) if selective else set()
+    parts = recomputed_parts(cfg) if selective else set()
     # LayerNorm mean and rstd [b, s, 1] each: FP32 on CUDA, the input's dtype on CPU (negligible).
     stats = 2 * 2 * (w if device == "cpu" else 4) / h
     replicated = 4 * w + 2 * w / a + stats
-    if m.dropout > 0:
-        replicated += 2 * (w if device == "cpu" else 1)
+    if m.dropout > 0:  # two masks: bool on CUDA and in compiled blocks, the input's dtype in eager CPU
+        replicated += 2 * (w if device == "cpu" and not cfg.train.compile else 1)
     attn, mask, scores = _attention_terms(cfg, device, "attention" in parts)
     mlp = (3 if "geglu" in parts else 4) * f / h * w
     return s * b * h * (replicated + (attn + mlp) / t) + b * s * s * mask + b * a / t * s * s * scores
@@ -291,7 +310,7 @@ def backward_working_bytes(cfg: GLMConfig, device: str = "gpu") -> float:
     s, b, h, a, f = m.seq_length, cfg.train.micro_batch, m.hidden, m.heads, m.ffn_size()
     w = _element_bytes(cfg)
     sbh = s * b * h
-    parts = set(cfg.parallel.selective_recompute)
+    parts = recomputed_parts(cfg)
     # The block's incoming gradient and the one LN2's output accumulates (the residual branch runs
     # first), then GeGLU's: its product's and gelu(gate)'s and up's, less the product the dense layer has
     # freed by then (measured: 2I, not 3I); gelu(gate) rebuilt on top when recomputed.
