@@ -23,24 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from glm_train.model.embedding import GLMEmbedding  # noqa: E402
 from glm_train.train.loss import GLMHeadLoss  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-class _TiedHead(nn.Module):
-    """The embedding's head interface at TP = 1 (``GLMEmbedding.logits``)."""
-
-    def __init__(self, vocab: int, hidden: int, dtype: torch.dtype, device: str) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(vocab, hidden, dtype=dtype, device=device) * 0.02)
-
-    def logits(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor:
-        return torch.nn.functional.linear(hidden, self.weight)
 
 
 def _sync(device: str) -> None:
@@ -57,7 +46,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 def _one_dtype(args: argparse.Namespace, name: str, chunks: list[int]) -> list[dict[str, Any]]:
     rows = []
     dtype = DTYPES[name]
-    head = _TiedHead(args.vocab, args.hidden, dtype, args.device)
+    head = GLMEmbedding(args.vocab, args.hidden, std=0.02, seed=0).to(device=args.device, dtype=dtype)
     fn = GLMHeadLoss(head)
     hidden = torch.randn(1, args.tokens, args.hidden, dtype=dtype, device=args.device, requires_grad=True)
     targets = torch.randint(0, args.vocab, (1, args.tokens), device=args.device)

@@ -10,6 +10,7 @@ from glm_train.config import AttentionImpl, ModelConfig
 from glm_train.model.layer import GLMBlock
 from glm_train.model.mask import attention_mask, prefix_lm_mask
 from glm_train.model.rope import rope_tables
+from tests.saved_tensors import saved_storages
 from tests.test_train import _steps, _train
 
 
@@ -22,15 +23,8 @@ def _block_step(cfg: ModelConfig, recompute: frozenset[str],
     x = torch.randn(b, s, cfg.hidden, dtype=dtype, requires_grad=True)
     cos, sin = rope_tables(torch.arange(s).expand(b, s), cfg.hidden // cfg.heads, 1e4, False, dtype)
     mask = attention_mask(torch.tensor([5, s // 2]), s, cfg.attention_impl)  # blocks: the lengths
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        storages[st.data_ptr()] = st.nbytes()
-        return t
-
     torch.manual_seed(1)  # the dropout stream, replayed by recomputation
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_storages() as storages:
         y = block(x, cos, sin, mask)
     y.square().sum().backward()
     return [y.detach(), x.grad, *[p.grad for p in block.parameters()]], sum(storages.values())

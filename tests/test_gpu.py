@@ -156,6 +156,7 @@ def test_fused_head_on_gpu_matches_the_whole_head():
     """The fused, chunked head + loss (train.head_chunk) on the GPU against the whole head on the GPU,
     both measured against the CPU's whole head from FP64 inputs (its softmax in FP32: a reference to
     about 1e-7): FP32 equal to rounding, bf16 within 1.5x the whole head's error."""
+    from glm_train.model.embedding import GLMEmbedding
     from glm_train.train.loss import GLMHeadLoss
 
     g = torch.Generator().manual_seed(0)
@@ -165,16 +166,10 @@ def test_fused_head_on_gpu_matches_the_whole_head():
     targets = torch.randint(0, vocab, (1, n), generator=g)
     mask = (torch.rand(1, n, generator=g) < 0.5).float()
 
-    class Head(torch.nn.Module):
-        def __init__(self, w: torch.Tensor) -> None:
-            super().__init__()
-            self.weight = torch.nn.Parameter(w)
-
-        def logits(self, h: torch.Tensor, gather: bool = True) -> torch.Tensor:
-            return h @ self.weight.t()
-
     def run(device: str, dtype: torch.dtype, chunk: int) -> list[torch.Tensor]:
-        head = Head(weight64.to(device=device, dtype=dtype, copy=True))
+        head = GLMEmbedding(vocab, d, std=1.0, seed=0).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            head.weight.copy_(weight64)
         fn = GLMHeadLoss(head)
         fn.head_chunk, fn.z_loss = chunk, 1e-3
         h = hidden64.to(device=device, dtype=dtype, copy=True).requires_grad_()

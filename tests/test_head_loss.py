@@ -5,24 +5,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
+from glm_train.model.embedding import GLMEmbedding
 from glm_train.parallel.cross_entropy import chunked_head_cross_entropy
 from glm_train.train.loss import GLMHeadLoss
+from tests.saved_tensors import saved_storages
 from tests.test_train import _steps, _train
 
 N_BATCH, SEQ, HIDDEN, VOCAB = 4, 64, 32, 96
 
 
-class _Embedding(nn.Module):
-    """The tied embedding's head interface, as GLMEmbedding offers it at TP=1."""
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(weight)
-
-    def logits(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor:
-        return hidden @ self.weight.t()
+def _embedding(weight: torch.Tensor) -> GLMEmbedding:
+    """The tied embedding (TP = 1) holding ``weight``, in its dtype."""
+    emb = GLMEmbedding(*weight.shape, std=1.0, seed=0).to(weight.dtype)
+    with torch.no_grad():
+        emb.weight.copy_(weight)
+    return emb
 
 
 def _inputs(peaked: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -38,7 +36,7 @@ def _inputs(peaked: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 def _run(chunk: int, dtype: torch.dtype, z_loss: float = 0.0, peaked: bool = False,
          sum_only: bool = False) -> tuple[torch.Tensor, ...]:
     hidden, weight, targets, mask = _inputs(peaked)
-    emb = _Embedding(weight.to(dtype))
+    emb = _embedding(weight.to(dtype))
     fn = GLMHeadLoss(emb)
     fn.head_chunk, fn.z_loss, fn.sum_only = chunk, z_loss, sum_only
     h = hidden.to(dtype).requires_grad_()
@@ -86,7 +84,7 @@ def test_chunked_bf16_head_is_as_close_to_exact_as_the_whole_head(peaked):
 
 def test_sum_only_evaluation_without_grad_equals_the_whole_head():
     hidden, weight, targets, mask = _inputs()
-    fn = GLMHeadLoss(_Embedding(weight.float()))
+    fn = GLMHeadLoss(_embedding(weight.float()))
     fn.sum_only = True
     with torch.no_grad():
         whole = fn(hidden.float(), (targets, mask.float()))
@@ -98,16 +96,10 @@ def test_sum_only_evaluation_without_grad_equals_the_whole_head():
 
 def _saved_bytes(chunk: int) -> int:
     hidden, weight, targets, mask = _inputs()
-    fn = GLMHeadLoss(_Embedding(weight.float()))
+    fn = GLMHeadLoss(_embedding(weight.float()))
     fn.head_chunk = chunk
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
     h = hidden.float().requires_grad_()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_storages() as storages:
         fn(h, (targets, mask.float()))
     return sum(storages.values())
 

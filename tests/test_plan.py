@@ -11,6 +11,7 @@ import pytest
 from glm_train.config import ConfigError, GLMConfig, ModelConfig, Precision, load_config
 from glm_train.train.plan import GIB, activation_bytes_per_layer, block_params, plan, stage_blocks
 from tests.conftest import REPO
+from tests.saved_tensors import saved_storages
 
 
 def test_block_params_match_the_module():
@@ -33,18 +34,10 @@ def _saved_bytes(cfg: GLMConfig) -> int:
     dtype = torch.float32 if cfg.precision == Precision.fp32 else torch.bfloat16
     torch.manual_seed(0)
     block = GLMBlock(m, 1, 0, frozenset(cfg.parallel.selective_recompute)).to(dtype).train()
-    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    params = frozenset(p.untyped_storage().data_ptr() for p in block.parameters())
     b, s = cfg.train.micro_batch, m.seq_length
     x = torch.randn(b, s, m.hidden, dtype=dtype, requires_grad=True)
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()  # views (q, k, v of the QKV output, chunks, reshapes) share one
-        if st.data_ptr() not in params:
-            storages[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_storages(exclude=params) as storages:
         positions = torch.arange(s).expand(b, s) if m.position_encoding == "rope_1d" else \
             torch.stack([torch.arange(s).expand(b, s), torch.zeros(b, s, dtype=torch.long)], dim=1)
         cos, sin = rope_tables(positions, m.hidden // m.heads, m.rope_base, m.position_encoding == "rope_2d", dtype)

@@ -9,25 +9,36 @@ import torch.nn.functional as F
 from glm_train.parallel.state import tp_group, tp_rank, tp_world_size
 
 
+def _tp_all_reduce(t: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None:
+    if tp_world_size() > 1:
+        dist.all_reduce(t, op=op, group=tp_group())
+
+
+def _softmax_terms(logits: torch.Tensor, target: torch.Tensor, inplace: bool = False) -> tuple[torch.Tensor, ...]:
+    """Over the whole (TP-split) vocabulary, of this rank's FP32 logits [N, V/tp] and global target
+    ids [N]: (exp of the max-shifted logits, the max, the sum of exps, the shifted target logit,
+    the target's column here [N, 1], whether it lies on another rank). ``inplace`` reuses ``logits``."""
+    per = logits.shape[-1]
+    top = logits.max(dim=-1).values
+    _tp_all_reduce(top, dist.ReduceOp.MAX)
+    shifted = logits.sub_(top.unsqueeze(-1)) if inplace else logits - top.unsqueeze(-1)
+    local = target - tp_rank() * per
+    outside = (local < 0) | (local >= per)
+    local = local.masked_fill(outside, 0).unsqueeze(-1)
+    predicted = shifted.gather(-1, local).squeeze(-1).masked_fill(outside, 0.0)
+    _tp_all_reduce(predicted)
+    exp = shifted.exp_()  # shifted is a tensor of our own either way
+    sum_exp = exp.sum(dim=-1)
+    _tp_all_reduce(sum_exp)
+    return exp, top, sum_exp, predicted, local, outside
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target):  # type: ignore[override]
         # logits [N, V/tp] (this rank's vocabulary slice), FP32; target [N] global ids.
-        group = tp_group()
-        per = logits.shape[-1]
-        start = tp_rank() * per
-        logits_max = logits.max(dim=-1).values
-        dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
-        shifted = logits - logits_max.unsqueeze(-1)
-        local = target - start
-        outside = (local < 0) | (local >= per)
-        local = local.masked_fill(outside, 0)
-        predicted = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
-        dist.all_reduce(predicted, group=group)
-        exp = shifted.exp()
-        sum_exp = exp.sum(dim=-1)
-        dist.all_reduce(sum_exp, group=group)
-        ctx.save_for_backward(exp / sum_exp.unsqueeze(-1), local, outside)
+        exp, _, sum_exp, predicted, local, outside = _softmax_terms(logits, target)
+        ctx.save_for_backward(exp / sum_exp.unsqueeze(-1), local.squeeze(-1), outside)
         return sum_exp.log() - predicted
 
     @staticmethod
@@ -73,11 +84,6 @@ def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
     return _VocabParallelLogSumExp.apply(logits)
 
 
-def _tp_all_reduce(t: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None:
-    if tp_world_size() > 1:
-        dist.all_reduce(t, op=op, group=tp_group())
-
-
 class _ChunkedHeadCrossEntropy(torch.autograd.Function):
     """``sum_i c_i (CE_i + z lse_i^2)`` over logits ``h W^T`` made ``chunk`` rows at a time.
 
@@ -91,7 +97,6 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, target, coeff, z_loss, chunk, grads):  # type: ignore[override]
         # hidden [N, d] (through copy_to_tp: its gradient is all-reduced over TP by autograd),
         # weight [V/tp, d] this rank's vocabulary rows, target [N] global ids, coeff [N] FP32.
-        per, start = weight.shape[0], tp_rank() * weight.shape[0]
         ctx.weight_dtype = weight.dtype
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if grads else None
@@ -99,18 +104,8 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads else None
         for lo in range(0, hidden.shape[0], chunk):
             h, t, c = hidden[lo:lo + chunk], target[lo:lo + chunk], coeff[lo:lo + chunk]
-            logits = F.linear(h, weight).float()
-            top = logits.max(dim=-1).values
-            _tp_all_reduce(top, dist.ReduceOp.MAX)
-            logits.sub_(top.unsqueeze(-1))
-            local = t - start
-            outside = (local < 0) | (local >= per)
-            local = local.masked_fill(outside, 0).unsqueeze(-1)
-            predicted = logits.gather(-1, local).squeeze(-1).masked_fill(outside, 0.0)
-            _tp_all_reduce(predicted)
-            probs = logits.exp_()
-            sum_exp = probs.sum(dim=-1)
-            _tp_all_reduce(sum_exp)
+            probs, top, sum_exp, predicted, local, outside = _softmax_terms(F.linear(h, weight).float(), t,
+                                                                            inplace=True)
             lse = sum_exp.log()  # of the shifted logits
             loss = lse - predicted
             if z_loss:
@@ -124,7 +119,7 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
             probs.mul_(scale.unsqueeze(-1))
             probs.scatter_add_(-1, local, (-c).masked_fill(outside, 0.0).unsqueeze(-1))
             g = probs.to(hidden.dtype)
-            del probs, logits
+            del probs
             torch.mm(g, weight, out=grad_h[lo:lo + chunk])
             if g.dtype == torch.float32:
                 grad_w.addmm_(g.t(), h)

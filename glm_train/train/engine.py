@@ -76,8 +76,9 @@ def build_engine(cfg: GLMConfig, backend: str) -> tuple[deepspeed.PipelineEngine
     module = glm_pipeline(cfg.model, cfg.train.seed, par.topology, partition=cfg.parallel.partition,
                           activation_checkpoint_interval=cfg.parallel.activation_checkpoint_interval,
                           selective_recompute=frozenset(cfg.parallel.selective_recompute))
-    if getattr(module, "loss_fn", None) is not None:
+    if getattr(module, "loss_fn", None) is not None:  # the last pipeline stage
         module.loss_fn.head_chunk = head_chunk(cfg)
+        module.loss_fn.z_loss = cfg.stability.z_loss
     t = cfg.train
     if t.compile:
         compile_blocks(module)

@@ -37,15 +37,21 @@ class GLMHeadLoss(nn.Module):
         # A plain attribute, not a submodule: the embedding's parameters belong to the pipeline.
         object.__setattr__(self, "_embedding", embedding)
 
+    @staticmethod
+    def _select(hidden: torch.Tensor, targets: torch.Tensor,
+                loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(hidden states [N, d], targets [N], FP32 weights [N]) of the N scored positions."""
+        sel = loss_mask.reshape(-1) != 0
+        return (hidden.reshape(-1, hidden.shape[-1])[sel], targets.reshape(-1)[sel],
+                loss_mask.reshape(-1)[sel].float())
+
     def scored(self, hidden: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor,
                with_lse: bool = False) -> tuple[torch.Tensor, ...]:
         """(per-token losses, weights[, log-partition]) of the scored positions only."""
-        sel = loss_mask.reshape(-1) != 0
-        h = hidden.reshape(-1, hidden.shape[-1])[sel]
+        h, targets, weights = self._select(hidden, targets, loss_mask)
         # Under TP each rank scores its vocabulary slice; the loss is reduced without a gather.
         logits = self._embedding.logits(h, gather=False)
-        losses = vocab_parallel_cross_entropy(logits, targets.reshape(-1)[sel])
-        weights = loss_mask.reshape(-1)[sel].float()
+        losses = vocab_parallel_cross_entropy(logits, targets)
         if with_lse:
             return losses, weights, vocab_parallel_logsumexp(logits)
         return losses, weights
@@ -74,15 +80,12 @@ class GLMHeadLoss(nn.Module):
         return loss
 
     def _chunked(self, hidden: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-        sel = loss_mask.reshape(-1) != 0
-        h = copy_to_tp(hidden.reshape(-1, hidden.shape[-1])[sel])
-        weights = loss_mask.reshape(-1)[sel].float()
-        if self.sum_only:
-            return chunked_head_cross_entropy(h, self._embedding.weight, targets.reshape(-1)[sel], weights,
-                                              0.0, self.head_chunk)
-        coeff = weights / weights.sum().clamp(min=1.0)
-        return chunked_head_cross_entropy(h, self._embedding.weight, targets.reshape(-1)[sel], coeff,
-                                          self.z_loss, self.head_chunk)
+        h, targets, weights = self._select(hidden, targets, loss_mask)
+        # Evaluation's sum has weights as they are and no z-loss, as the whole head's.
+        coeff = weights if self.sum_only else weights / weights.sum().clamp(min=1.0)
+        z_loss = 0.0 if self.sum_only else self.z_loss
+        return chunked_head_cross_entropy(copy_to_tp(h), self._embedding.weight, targets, coeff, z_loss,
+                                          self.head_chunk)
 
     def _whole(self, hidden: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
         if self.z_loss > 0 and not self.sum_only:

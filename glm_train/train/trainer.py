@@ -160,8 +160,6 @@ class Trainer:
         self.guard = SpikeGuard(cfg.stability.guard)
         self.gate = UpdateGate(self.engine)
         self.loss_fn = getattr(self.engine.module, "loss_fn", None)
-        if self.loss_fn is not None:
-            self.loss_fn.z_loss = cfg.stability.z_loss
         c = cfg.debug.corrupt_steps
         self.corrupt = None if c is None else (samples_before_step(c[0], cfg.train),
                                                samples_before_step(c[1] + 1, cfg.train))
