@@ -9,7 +9,15 @@ import sys
 import pytest
 
 from glm_train.config import ConfigError, GLMConfig, ModelConfig, Precision, load_config
-from glm_train.train.plan import GIB, activation_bytes_per_layer, block_params, plan, stage_blocks
+from glm_train.train.plan import (
+    GIB,
+    activation_bytes_per_layer,
+    block_params,
+    largest_micro_batch,
+    plan,
+    stage_blocks,
+    with_micro_batch,
+)
 from tests.conftest import REPO
 from tests.saved_tensors import saved_storages
 
@@ -197,6 +205,28 @@ def test_glm130b_layout_on_40gb_a100(monkeypatch, interval, fits):
     assert plan(cfg, 768)["worst"].peak - worst.peak == pytest.approx(2 * worst.params)
 
 
+@pytest.mark.parametrize("overrides,world", [
+    (["precision=bf16", "train.micro_batch=2", "train.global_batch=2"], 1),
+    (["precision=bf16", "train.micro_batch=2", "train.global_batch=8", "train.compile=true"], 1),  # FP32 sums
+    (["precision=fp32", "train.micro_batch=1", "train.global_batch=8", "parallel.pp=2"], 4),  # dp=2
+])
+def test_largest_micro_batch_is_the_largest_that_fits(overrides, world, monkeypatch):
+    """Against a linear scan of plan(): the search returns the last micro-batch that fits, keeps the
+    micro-batches per pipeline, and says None when micro-batch 1 does not fit."""
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    cfg = load_config(["model=glm-1b", "model.vocab_size=50304", *overrides], check_paths=False)
+    per_pipe = plan(cfg, world)["micro_batches_per_pipeline"]
+    totals = [plan(with_micro_batch(cfg, b, world), world)["worst"].total for b in range(1, 41)]
+    assert totals == sorted(totals) and len(set(totals)) == len(totals)
+    for gib in (30, 45, 60, 80):
+        fitting = [b for b, t in enumerate(totals, 1) if t <= gib * GIB]
+        assert largest_micro_batch(cfg, world, gib * GIB) == (fitting[-1] if fitting else None), gib
+    b = largest_micro_batch(cfg, world, 80 * GIB)
+    assert b is not None and plan(with_micro_batch(cfg, b, world), world)["micro_batches_per_pipeline"] == per_pipe
+    assert largest_micro_batch(cfg, world, 1 * GIB) is None
+    assert largest_micro_batch(cfg, world, 10**6 * GIB, limit=100) == 100
+
+
 def test_cli_exit_codes():
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "glm_train.cli.plan", *args], cwd=REPO, capture_output=True,
@@ -211,6 +241,15 @@ def test_cli_exit_codes():
     selective = run("model=glm-1b", "model.vocab_size=50304", "train.micro_batch=4", "train.global_batch=8",
                     "precision=bf16", "--gpu-mem", "80", "parallel.selective_recompute=[geglu]")
     assert selective.returncode == 0 and "selective recompute: geglu" in selective.stdout, selective.stderr
+    fit = run("model=glm-1b", "model.vocab_size=50304", "train.micro_batch=1", "train.global_batch=4",
+              "precision=bf16", "--gpu-mem", "79", "--max-micro-batch")
+    assert fit.returncode == 0, fit.stdout + fit.stderr
+    last = fit.stdout.strip().splitlines()[-1]
+    assert last.startswith("largest micro-batch that fits 79 GiB: ") and "(global batch " in last, last
+    b = int(last.split(": ")[1].split()[0])
+    assert f"micro-batch {b}, global {4 * b} (4 micro-batches per pipeline)" in fit.stdout
+    none = run("model=glm-1b", "model.vocab_size=50304", "precision=bf16", "--gpu-mem", "8", "--max-micro-batch")
+    assert none.returncode == 3 and "not even micro-batch 1 fits" in none.stdout, none.stdout
     bad = run("model.heads=7")
     assert bad.returncode == 2 and "model.heads" in bad.stderr
 

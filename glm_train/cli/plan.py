@@ -2,6 +2,7 @@
 
     glm-plan --config-name=glm-130b-3d --world-size 768 --gpu-mem 40 --peak-tflops 312 --mfu 0.325
     glm-plan model=glm-1b train.micro_batch=8 train.global_batch=8 precision=bf16 --gpu-mem 80
+    glm-plan model=glm-1b train.micro_batch=1 train.global_batch=4 precision=bf16 --gpu-mem 79 --max-micro-batch
 
 Overrides are the training config's KEY=VALUE pairs (data paths are not checked), e.g.
 parallel.selective_recompute=[attention,geglu]. The formulas are in glm_train/train/plan.py;
@@ -28,6 +29,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilization for the step time")
     p.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
                    help="cpu: dropout keeps its noise, SDPA with attention dropout runs its math path")
+    p.add_argument("--max-micro-batch", action="store_true",
+                   help="plan the largest micro-batch that fits --gpu-mem instead of train.micro_batch (the "
+                        "micro-batches per pipeline kept: the global batch scales with it); its last line "
+                        "names it")
     args = p.parse_intermixed_args(argv)  # overrides may follow options
     from glm_train.config import AttentionImpl, ConfigError, load_config
 
@@ -44,9 +49,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from glm_train.train.plan import GIB, OVERHEAD, plan, step_time
+    from glm_train.train.plan import GIB, OVERHEAD, largest_micro_batch, plan, step_time, with_micro_batch
 
     world = world or cfg.parallel.tp * cfg.parallel.pp
+    if args.max_micro_batch:
+        found = largest_micro_batch(cfg, world, args.gpu_mem * GIB, args.device)
+        if found is None:
+            print(f"not even micro-batch 1 fits {args.gpu_mem:g} GiB; its plan:")
+        cfg = with_micro_batch(cfg, found or 1, world)
     r = plan(cfg, world, args.device)
     peak = args.peak_tflops or cfg.hardware.peak_tflops or 989.0
     par = cfg.parallel
@@ -82,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"GPU {args.gpu_mem:.0f} GiB: {'fits' if fits else 'DOES NOT FIT'}")
     print(f"pipeline bubble {r['bubble']:.1%}; {r['tokens_per_step']:,} tokens/step; step time at MFU "
           f"{args.mfu:.1%} of {peak:g} TFLOP/s: {step_time(r, world, peak, args.mfu):.2f} s")
+    if args.max_micro_batch and fits:
+        print(f"largest micro-batch that fits {args.gpu_mem:g} GiB: {cfg.train.micro_batch} "
+              f"(global batch {cfg.train.global_batch})")
     return 0 if fits else 3
 
 

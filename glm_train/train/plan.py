@@ -121,6 +121,7 @@ Not modelled: torch.compile (train.compile), which fuses element-wise work and k
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -500,3 +501,34 @@ def step_time(result: dict[str, Any], world_size: int, peak_tflops: float, mfu: 
     """Seconds per step if every GPU sustains ``mfu`` of ``peak_tflops`` (the bubble is inside MFU)."""
     return result["model_flops_per_step"] / (world_size * peak_tflops * 1e12 * mfu)
 
+
+
+def with_micro_batch(cfg: GLMConfig, micro_batch: int, world_size: int) -> GLMConfig:
+    """A copy of ``cfg`` at ``micro_batch``, its micro-batches per pipeline kept (the global batch
+    scales with the micro-batch), so FP32 gradient sums and in-flight counts stay what ``cfg`` has."""
+    out = copy.deepcopy(cfg)
+    t = out.train
+    dp = world_size // (out.parallel.tp * out.parallel.pp)
+    per_pipe = max(1, t.global_batch // (t.micro_batch * dp))
+    t.micro_batch, t.global_batch = micro_batch, micro_batch * per_pipe * dp
+    return out
+
+
+def largest_micro_batch(cfg: GLMConfig, world_size: int, gpu_bytes: float, device: str = "gpu",
+                        limit: int = 4096) -> int | None:
+    """The largest micro-batch (at most ``limit``) whose plan, overhead included, fits ``gpu_bytes`` with
+    ``cfg``'s micro-batches per pipeline (``with_micro_batch``); None if not even 1 fits."""
+
+    def fits(b: int) -> bool:
+        return plan(with_micro_batch(cfg, b, world_size), world_size, device)["worst"].total <= gpu_bytes
+
+    if not fits(1):
+        return None
+    lo, hi = 1, 2  # memory grows with the micro-batch: double until it does not fit, then bisect
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
