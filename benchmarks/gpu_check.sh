@@ -21,6 +21,7 @@
 # Dry run without a GPU: PYTHON=.venv/bin/python GLM_GPU_TESTS_ON_CPU=1 GPU_MFU_MICRO_BATCHES=2 \
 #   GPU_MFU_ARGS="--device cpu --layers 2 --hidden 128 --heads 4 --seq 128 --steps 3 --warmup 1" \
 #   bash benchmarks/gpu_check.sh
+# (with GPU_CHECK_MEM_GIB=78.7 as well, the micro-batches come from glm-plan as on an 80 GB H100)
 set -u
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -143,7 +144,9 @@ first_fit() {
 
 # plan_fit ACCUM OVERRIDES...: the largest micro-batch glm-plan puts within this GPU's memory for glm-1b
 # as gpu_mfu.py builds it, ACCUM micro-batches per step; empty without a GPU (or a plan).
-GPU_MEM=$("$PY" -c 'import torch; print(f"{torch.cuda.get_device_properties(0).total_memory / 2**30 - 0.5:.1f}" if torch.cuda.is_available() else "")' 2>/dev/null)
+# GPU_CHECK_MEM_GIB overrides the device's memory (a dry run of the planner's path on a CPU).
+GPU_MEM=${GPU_CHECK_MEM_GIB:-}
+[ -n "$GPU_MEM" ] || GPU_MEM=$("$PY" -c 'import torch; print(f"{torch.cuda.get_device_properties(0).total_memory / 2**30 - 0.5:.1f}" if torch.cuda.is_available() else "")' 2>/dev/null)
 plan_fit() {
     local accum=$1
     shift
