@@ -17,6 +17,7 @@
 #   2'. eager, and compiled without dropout, each with accumulation
 #   3. python3 benchmarks/plan_check.py: glm-plan's memory estimate against measured peaks
 #   2''. compiled with the whole head (train.head_chunk=0)
+#   4. python3 benchmarks/head_loss.py: the head alone, whole / eager chunks / compiled chunks
 # Logs and JSON go to $OUT (default /tmp/gpu_out); a summary table is printed at the end.
 # Dry run without a GPU: PYTHON=.venv/bin/python GLM_GPU_TESTS_ON_CPU=1 GPU_MFU_MICRO_BATCHES=2 \
 #   GPU_MFU_ARGS="--device cpu --layers 2 --hidden 128 --heads 4 --seq 128 --steps 3 --warmup 1" \
@@ -225,6 +226,16 @@ if [ "$env_rc" = 0 ]; then
         # shellcheck disable=SC2086
         first_fit "wholehead_compile_acc${ACCUM}_mbMB" 120 "$(candidates "$p")" --compile --head-chunk 0 \
             --grad-accum "$ACCUM" $ACCUM_STEPS_ARGS
+    fi
+
+    # The head alone at glm-1b's shape (one micro-batch of 12 scores about 12k tokens): whole, fused
+    # in eager chunks, fused with the compiled chunk kernels.
+    t=$(left 90)
+    if [ "$t" -ge 45 ] && [ -n "$GPU_MEM" ]; then
+        echo "== 4. the head alone ($((BUDGET_S - SECONDS)) s of budget left)"
+        timeout -k 10 "$t" "$PY" benchmarks/head_loss.py --tokens 12288 --hidden 2048 --vocab 50432 --dtypes bf16 \
+            --chunks 0,4096,4096c --json "$OUT/head_loss.json" 2>&1 | tee "$OUT/head_loss.log"
+        note "head_loss: exit ${PIPESTATUS[0]}"
     fi
 fi
 

@@ -1,11 +1,13 @@
 """The output head + loss, whole against fused in chunks (``train.head_chunk``): time and memory.
 
-    python benchmarks/head_loss.py [--tokens 2048 --hidden 512 --vocab 8192] [--chunks 0,1024,4096]
+    python benchmarks/head_loss.py [--tokens 2048 --hidden 512 --vocab 8192] [--chunks 0,1024,4096,4096c]
                                    [--dtypes bf16,fp32] [--rounds 7] [--device cpu|cuda] [--json FILE]
 
 ``GLMHeadLoss`` exactly as training runs it (TP = 1): ``--tokens`` scored positions of a
 [tokens, hidden] batch (all of them scored), the tied head over ``--vocab`` rows, FP32 cross-entropy,
-forward + backward. The variants run alternately, one call each per round, after one untimed call
+forward + backward. A chunk size ending in ``c`` is the fused head as ``train.compile`` runs it
+(each chunk's softmax and gradient in torch.compile'd kernels; bf16 only, FP32 keeps the eager
+steps, so those rows are skipped). The variants run alternately, one call each per round, after one untimed call
 each; medians over the rounds. Memory: bytes the forward keeps for backward (saved-tensor hooks), and
 on a GPU the peak allocated over one call above what was allocated before it. The default shape is
 the throughput benchmark's head (micro-batch 8 x 512 positions, half scored). Prints a table;
@@ -39,11 +41,18 @@ def _sync(device: str) -> None:
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     torch.manual_seed(0)
-    chunks = [int(c) for c in args.chunks.split(",")]
-    return [row for name in args.dtypes.split(",") for row in _one_dtype(args, name, chunks)]
+    chunks = args.chunks.split(",")
+    return [row for name in args.dtypes.split(",")
+            for row in _one_dtype(args, name, [c for c in chunks if name == "bf16" or not c.endswith("c")])]
 
 
-def _one_dtype(args: argparse.Namespace, name: str, chunks: list[int]) -> list[dict[str, Any]]:
+def _set(fn: GLMHeadLoss, variant: str) -> None:
+    """``variant``: a head_chunk value, with a ``c`` suffix for the compiled chunk kernels."""
+    fn.compiled = variant.endswith("c")
+    fn.head_chunk = int(variant.removesuffix("c"))
+
+
+def _one_dtype(args: argparse.Namespace, name: str, chunks: list[str]) -> list[dict[str, Any]]:
     rows = []
     dtype = DTYPES[name]
     head = GLMEmbedding(args.vocab, args.hidden, std=0.02, seed=0).to(device=args.device, dtype=dtype)
@@ -52,8 +61,8 @@ def _one_dtype(args: argparse.Namespace, name: str, chunks: list[int]) -> list[d
     targets = torch.randint(0, args.vocab, (1, args.tokens), device=args.device)
     mask = torch.ones(1, args.tokens, device=args.device)
 
-    def call(chunk: int) -> float:
-        fn.head_chunk = chunk
+    def call(chunk: str) -> float:
+        _set(fn, chunk)
         hidden.grad = head.weight.grad = None
         _sync(args.device)
         t0 = time.perf_counter()
@@ -61,8 +70,8 @@ def _one_dtype(args: argparse.Namespace, name: str, chunks: list[int]) -> list[d
         _sync(args.device)
         return time.perf_counter() - t0
 
-    def saved_bytes(chunk: int) -> int:
-        fn.head_chunk = chunk
+    def saved_bytes(chunk: str) -> int:
+        _set(fn, chunk)
         storages: dict[int, int] = {}
 
         def pack(t: torch.Tensor) -> torch.Tensor:
@@ -73,19 +82,19 @@ def _one_dtype(args: argparse.Namespace, name: str, chunks: list[int]) -> list[d
             fn(hidden, (targets, mask))
         return sum(storages.values())
 
-    def peak_bytes(chunk: int) -> int | None:
+    def peak_bytes(chunk: str) -> int | None:
         if args.device != "cuda":
             return None
         hidden.grad = head.weight.grad = None
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        fn.head_chunk = chunk
+        _set(fn, chunk)
         fn(hidden, (targets, mask)).backward()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
 
-    times: dict[int, list[float]] = {c: [] for c in chunks}
+    times: dict[str, list[float]] = {c: [] for c in chunks}
     for c in chunks:
         call(c)  # untimed
     for _ in range(args.rounds):
@@ -106,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=2048, help="scored positions")
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--chunks", default="0,1024,4096", help="head_chunk values; the first is the baseline")
+    p.add_argument("--chunks", default="0,1024,4096,4096c",
+                   help="head_chunk values, 'c' appended for the compiled chunk kernels; the first is the baseline")
     p.add_argument("--dtypes", default="bf16,fp32")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -74,6 +74,8 @@ CPU_CONFIGS = {
     "cpu-L8-d512-bf16-mb8-compile": _L8_BF16 + ["train.compile=true"],
     "cpu-L2-d256-V64k-fp32-mb8-wholehead": _HEAD + ["train.head_chunk=0"],
     "cpu-L2-d256-V64k-fp32-mb8-fused": _HEAD + ["train.head_chunk=512"],
+    "cpu-L2-d256-V64k-bf16-mb8-fused-compile": [x.replace("fp32", "bf16").replace("zero_stage=0", "zero_stage=1")
+                                                for x in _HEAD] + ["train.head_chunk=512", "train.compile=true"],
     "cpu-L4-d768-bf16-zero1-mb4x2": ["model.layers=4", "model.hidden=768", "model.heads=12", "model.seq_length=512",
                                      "model.vocab_size=8192", "train.micro_batch=4", "train.global_batch=8",
                                      "precision=bf16", "parallel.zero_stage=1"],

@@ -155,7 +155,8 @@ def test_fused_kernels_match_eager_on_gpu(impl):
 def test_fused_head_on_gpu_matches_the_whole_head():
     """The fused, chunked head + loss (train.head_chunk) on the GPU against the whole head on the GPU,
     both measured against the CPU's whole head from FP64 inputs (its softmax in FP32: a reference to
-    about 1e-7): FP32 equal to rounding, bf16 within 1.5x the whole head's error."""
+    about 1e-7): FP32 equal to rounding, bf16 within 1.5x the whole head's error, and bf16 through
+    the compiled chunk kernels (train.compile) as close as the eager chunks."""
     from glm_train.model.embedding import GLMEmbedding
     from glm_train.train.loss import GLMHeadLoss
 
@@ -166,12 +167,12 @@ def test_fused_head_on_gpu_matches_the_whole_head():
     targets = torch.randint(0, vocab, (1, n), generator=g)
     mask = (torch.rand(1, n, generator=g) < 0.5).float()
 
-    def run(device: str, dtype: torch.dtype, chunk: int) -> list[torch.Tensor]:
+    def run(device: str, dtype: torch.dtype, chunk: int, compiled: bool = False) -> list[torch.Tensor]:
         head = GLMEmbedding(vocab, d, std=1.0, seed=0).to(device=device, dtype=dtype)
         with torch.no_grad():
             head.weight.copy_(weight64)
         fn = GLMHeadLoss(head)
-        fn.head_chunk, fn.z_loss = chunk, 1e-3
+        fn.head_chunk, fn.z_loss, fn.compiled = chunk, 1e-3, compiled
         h = hidden64.to(device=device, dtype=dtype, copy=True).requires_grad_()
         loss = fn(h, (targets.to(device), mask.to(device)))
         loss.backward()
@@ -183,10 +184,14 @@ def test_fused_head_on_gpu_matches_the_whole_head():
         whole, fused = run(DEVICE, dtype, 0), run(DEVICE, dtype, 512)
         for part, a, b, e in zip(("loss", "dh", "dw"), fused, whole, exact, strict=True):
             errs[f"{name}_{part}_fused"], errs[f"{name}_{part}_whole"] = _rel(a, e), _rel(b, e)
+    compiled = run(DEVICE, torch.bfloat16, 512, compiled=True)
+    for part, a, e in zip(("loss", "dh", "dw"), compiled, exact, strict=True):
+        errs[f"bf16_{part}_compiled"] = _rel(a, e)
     _report("fused_head", **errs)
     for part in ("loss", "dh", "dw"):
         assert errs[f"fp32_{part}_fused"] <= 1e-5, errs
         assert errs[f"bf16_{part}_fused"] <= 1.5 * errs[f"bf16_{part}_whole"] + 1e-6, errs
+        assert errs[f"bf16_{part}_compiled"] <= 1.2 * errs[f"bf16_{part}_fused"] + 1e-6, errs
 
 
 # ---------------------------------------------------------------------- training through the CLI

@@ -34,11 +34,11 @@ def _inputs(peaked: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def _run(chunk: int, dtype: torch.dtype, z_loss: float = 0.0, peaked: bool = False,
-         sum_only: bool = False) -> tuple[torch.Tensor, ...]:
+         sum_only: bool = False, compiled: bool = False) -> tuple[torch.Tensor, ...]:
     hidden, weight, targets, mask = _inputs(peaked)
     emb = _embedding(weight.to(dtype))
     fn = GLMHeadLoss(emb)
-    fn.head_chunk, fn.z_loss, fn.sum_only = chunk, z_loss, sum_only
+    fn.head_chunk, fn.z_loss, fn.sum_only, fn.compiled = chunk, z_loss, sum_only, compiled
     h = hidden.to(dtype).requires_grad_()
     loss = fn(h, (targets, mask.float()))
     loss.backward()
@@ -80,6 +80,26 @@ def test_chunked_bf16_head_is_as_close_to_exact_as_the_whole_head(peaked):
         for name, a, b, e in zip(("loss", "d hidden", "d weight"), got, whole, exact, strict=True):
             # Chunks round the weight gradient's partial sums to bf16 once each: a little more error.
             assert _rel(a, e) <= 1.5 * _rel(b, e) + 1e-6, (chunk, name, _rel(a, e), _rel(b, e))
+
+
+@pytest.mark.parametrize("z_loss", [0.0, 1e-2])
+def test_compiled_bf16_chunks_match_the_eager_chunks(z_loss):
+    """train.compile's fused head (Inductor kernels per chunk, bf16 at TP = 1) against the eager steps:
+    as close to exact FP64 as they are, and equal to them but for rounding. Chunks of 48 leave a
+    shorter last chunk, a second shape for the compiled function. FP32 keeps the eager steps."""
+    from glm_train.parallel.cross_entropy import compiled_chunk_terms
+
+    exact = _exact(z_loss, peaked=True)
+    eager = _run(48, torch.bfloat16, z_loss, peaked=True)
+    got = _run(48, torch.bfloat16, z_loss, peaked=True, compiled=True)
+    assert compiled_chunk_terms.cache_info().currsize == 1  # the compiled function ran
+    for name, a, b, e in zip(("loss", "d hidden", "d weight"), got, eager, exact, strict=True):
+        assert _rel(a, b) < 1e-3, (name, _rel(a, b))  # measured: gradients equal, the loss 1e-7 apart
+        assert _rel(a, e) <= 1.2 * _rel(b, e) + 1e-6, (name, _rel(a, e), _rel(b, e))
+    assert abs(got[0] - eager[0]) <= 1e-6 * abs(eager[0])  # the loss is summed in FP32 either way
+    fp32 = _run(48, torch.float32, z_loss, compiled=True)
+    for a, b in zip(fp32, _run(48, torch.float32, z_loss), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_sum_only_evaluation_without_grad_equals_the_whole_head():
@@ -135,3 +155,59 @@ def test_training_with_the_chunked_head_follows_the_whole_head(tiny_data, tmp_pa
     for a, b in zip(whole, chunked, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (a["step"], a["grad_norm"], b["grad_norm"])
+
+
+@pytest.mark.parametrize("dtype,compiled", [(torch.float32, False), (torch.bfloat16, False),
+                                            (torch.bfloat16, True)], ids=["fp32", "bf16", "bf16-compiled"])
+def test_fused_head_peak_is_the_planners(dtype, compiled):
+    """The peak of live tensor bytes (the profiler's allocation events, as plan_check measures a CPU
+    run) over one fused head call, forward and backward, against glm-plan's term: the scored states'
+    copy and gradient, the FP32 weight gradient and ``fused_head_transient``, within 3%."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.plan_check import allocation_events, peak_live_bytes
+    from glm_train.train.plan import fused_head_transient
+
+    n, d, v, chunk = 1024, 64, 4096, 256
+    g = torch.Generator().manual_seed(0)
+    emb = _embedding(torch.randn(v, d, generator=g) * 0.1).to(dtype)
+    fn = GLMHeadLoss(emb)
+    fn.head_chunk, fn.compiled = chunk, compiled
+    hidden = torch.randn(1, n, d, generator=g).to(dtype).requires_grad_()
+    labels = (torch.randint(0, v, (1, n), generator=g), torch.ones(1, n))
+    fn(hidden, labels).backward()  # compiles, when compiled
+    hidden.grad = emb.weight.grad = None
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn(hidden, labels).backward()
+    measured, _ = peak_live_bytes(allocation_events(prof))
+    w = hidden.element_size()
+    planned = 2 * n * d * w + 4 * v * d + fused_head_transient(chunk, v, d, w, compiled, "cpu")
+    assert abs(measured / planned - 1) < 0.03, (measured, planned)
+
+
+def _engine_step_uses_compiled_head(rank: int, compile_: bool) -> None:
+    from benchmarks.gpu_mfu import synthetic_batches
+    from glm_train.config import load_config
+    from glm_train.env import setup_environment
+    from glm_train.parallel.cross_entropy import compiled_chunk_terms
+    from glm_train.train.engine import build_engine
+
+    setup_environment()
+    cfg = load_config(["model.layers=2", "model.hidden=64", "model.heads=4", "model.seq_length=32",
+                       "model.vocab_size=256", "train.micro_batch=2", "train.global_batch=2", "precision=bf16",
+                       "train.head_chunk=8", f"train.compile={str(compile_).lower()}"], check_paths=False)
+    engine, _ = build_engine(cfg, "gloo")
+    batches, _ = synthetic_batches(cfg, 0.5, 1)
+    compiled_chunk_terms.cache_clear()
+    loss = float(engine.train_batch(iter(batches)))
+    assert loss == loss and loss > 0  # finite
+    assert compiled_chunk_terms.cache_info().currsize == int(compile_), compiled_chunk_terms.cache_info()
+
+
+@pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compile"])
+def test_train_compile_reaches_the_fused_head(compile_):
+    """build_engine hands train.compile to the loss: a bf16 training step of a compiled engine goes
+    through the compiled chunk kernels, an eager engine's does not."""
+    from tests.multiproc import run_ranks
+
+    run_ranks(_engine_step_uses_compiled_head, 1, compile_, timeout=300)

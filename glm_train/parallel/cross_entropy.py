@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -84,6 +87,56 @@ def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
     return _VocabParallelLogSumExp.apply(logits)
 
 
+def _eager_chunk_terms(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, c: torch.Tensor,
+                       z_loss: float, grads: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk's ``sum_i c_i loss_i`` and, if ``grads``, its logits' gradient in ``h``'s dtype:
+    ``c ((1 + 2 z lse) softmax - onehot(target))``; any TP size, FP32 math in place. The logits are
+    made here so that their matmul output dies as soon as its FP32 copy exists."""
+    probs, top, sum_exp, predicted, local, outside = _softmax_terms(F.linear(h, weight).float(), target,
+                                                                    inplace=True)
+    lse = sum_exp.log()  # of the shifted logits
+    loss = lse - predicted
+    if z_loss:
+        full_lse = lse + top
+        loss = loss + z_loss * full_lse.square()
+    part = (c * loss).sum()
+    if not grads:
+        return part, None
+    scale = c / sum_exp if not z_loss else c * (1 + 2 * z_loss * full_lse) / sum_exp
+    probs.mul_(scale.unsqueeze(-1))
+    probs.scatter_add_(-1, local, (-c).masked_fill(outside, 0.0).unsqueeze(-1))
+    return part, probs.to(h.dtype)
+
+
+def _chunk_terms(logits: torch.Tensor, target: torch.Tensor, c: torch.Tensor,
+                 z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_eager_chunk_terms`` at TP = 1 written for Inductor: no in-place steps, so the FP32 copy, the
+    exponentials and the one-hot are never stored. Compiled, it reads the bf16 logits three times
+    and writes the gradient once (about 8 bytes per logit against the eager steps' ~46)."""
+    x = logits.float()
+    top = x.amax(dim=-1, keepdim=True)
+    e = (x - top).exp()
+    sum_exp = e.sum(dim=-1, keepdim=True)
+    lse = sum_exp.log()
+    loss = (lse - (x.gather(-1, target.unsqueeze(-1)) - top)).squeeze(-1)
+    cc = c.unsqueeze(-1)
+    if z_loss:
+        full_lse = lse + top
+        loss = loss + z_loss * full_lse.square().squeeze(-1)
+        scale = cc * (1 + 2 * z_loss * full_lse) / sum_exp
+    else:
+        scale = cc / sum_exp
+    cols = torch.arange(x.shape[-1], device=x.device)
+    g = e * scale - torch.where(cols == target.unsqueeze(-1), cc, 0.0)
+    return (c * loss).sum(), g.to(logits.dtype)
+
+
+@functools.cache
+def compiled_chunk_terms() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """``_chunk_terms`` through torch.compile, built on first use (the fused head under train.compile)."""
+    return torch.compile(_chunk_terms, fullgraph=True)
+
+
 class _ChunkedHeadCrossEntropy(torch.autograd.Function):
     """``sum_i c_i (CE_i + z lse_i^2)`` over logits ``h W^T`` made ``chunk`` rows at a time.
 
@@ -94,7 +147,7 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, target, coeff, z_loss, chunk, grads):  # type: ignore[override]
+    def forward(ctx, hidden, weight, target, coeff, z_loss, chunk, grads, compiled):  # type: ignore[override]
         # hidden [N, d] (through copy_to_tp: its gradient is all-reduced over TP by autograd),
         # weight [V/tp, d] this rank's vocabulary rows, target [N] global ids, coeff [N] FP32.
         ctx.weight_dtype = weight.dtype
@@ -102,24 +155,16 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if grads else None
         # Summed over chunks in FP32: a bf16 running sum would round the total at every chunk.
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads else None
+        fused = compiled and grads and hidden.dtype == torch.bfloat16 and tp_world_size() == 1
         for lo in range(0, hidden.shape[0], chunk):
             h, t, c = hidden[lo:lo + chunk], target[lo:lo + chunk], coeff[lo:lo + chunk]
-            probs, top, sum_exp, predicted, local, outside = _softmax_terms(F.linear(h, weight).float(), t,
-                                                                            inplace=True)
-            lse = sum_exp.log()  # of the shifted logits
-            loss = lse - predicted
-            if z_loss:
-                full_lse = lse + top
-                loss = loss + z_loss * full_lse.square()
-            total += (c * loss).sum()
-            if not grads:
+            if fused:
+                part, g = compiled_chunk_terms()(F.linear(h, weight), t, c, z_loss)
+            else:
+                part, g = _eager_chunk_terms(h, weight, t, c, z_loss, grads)
+            total += part
+            if g is None:
                 continue
-            # d/dlogit = c ((1 + 2 z lse) softmax - onehot(target))
-            scale = c / sum_exp if not z_loss else c * (1 + 2 * z_loss * full_lse) / sum_exp
-            probs.mul_(scale.unsqueeze(-1))
-            probs.scatter_add_(-1, local, (-c).masked_fill(outside, 0.0).unsqueeze(-1))
-            g = probs.to(hidden.dtype)
-            del probs
             torch.mm(g, weight, out=grad_h[lo:lo + chunk])
             if g.dtype == torch.float32:
                 grad_w.addmm_(g.t(), h)
@@ -132,11 +177,11 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad, (grad_w * grad).to(ctx.weight_dtype), None, None, None, None, None
+        return grad_h * grad, (grad_w * grad).to(ctx.weight_dtype), None, None, None, None, None, None
 
 
 def chunked_head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                               coeff: torch.Tensor, z_loss: float, chunk: int) -> torch.Tensor:
+                               coeff: torch.Tensor, z_loss: float, chunk: int, compiled: bool = False) -> torch.Tensor:
     """``sum_i coeff_i (CE_i + z_loss lse_i^2)`` of the tied head's logits ``hidden weight^T``, FP32.
 
     hidden [N, d] is the scored positions' hidden states (already through ``copy_to_tp`` under TP),
@@ -144,9 +189,12 @@ def chunked_head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     weights (the loss mask over the token count). Logits are made ``chunk`` rows at a time and the
     gradients in the forward pass, so no [N, V/tp] tensor outlives its chunk. Not for fp16: its
     gradients need the loss scale inside the head (the logits' gradient underflows without it).
+    ``compiled``: bf16 at TP = 1 computes each chunk's softmax and gradient in kernels fused by
+    torch.compile (``compiled_chunk_terms``); FP32 keeps the eager steps, which on a CPU are as fast
+    and hold one chunk's logits instead of two.
     """
     if hidden.dtype == torch.float16:
         raise ValueError("chunked_head_cross_entropy: fp16 needs the loss scale inside the head's gradient")
     grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _ChunkedHeadCrossEntropy.apply(hidden, weight, target, coeff.float(), float(z_loss), max(1, chunk),
-                                          grads)
+                                          grads, compiled)

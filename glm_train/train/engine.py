@@ -79,6 +79,7 @@ def build_engine(cfg: GLMConfig, backend: str) -> tuple[deepspeed.PipelineEngine
     if getattr(module, "loss_fn", None) is not None:  # the last pipeline stage
         module.loss_fn.head_chunk = head_chunk(cfg)
         module.loss_fn.z_loss = cfg.stability.z_loss
+        module.loss_fn.compiled = cfg.train.compile
     t = cfg.train
     if t.compile:
         compile_blocks(module)

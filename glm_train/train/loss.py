@@ -69,6 +69,10 @@ class GLMHeadLoss(nn.Module):
     """Scored tokens per chunk of the fused head + loss (``chunked_head_cross_entropy``); 0: the head's
     logits all at once, kept with their FP32 softmax for the backward pass."""
 
+    compiled = False
+    """Whether the fused head computes each chunk's softmax and gradient in torch.compile'd kernels
+    (bf16 at TP = 1; set from ``train.compile``)."""
+
     def forward(self, hidden: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         targets, loss_mask = labels
         if self.head_chunk > 0:
@@ -85,7 +89,7 @@ class GLMHeadLoss(nn.Module):
         coeff = weights if self.sum_only else weights / weights.sum().clamp(min=1.0)
         z_loss = 0.0 if self.sum_only else self.z_loss
         return chunked_head_cross_entropy(copy_to_tp(h), self._embedding.weight, targets, coeff, z_loss,
-                                          self.head_chunk)
+                                          self.head_chunk, self.compiled)
 
     def _whole(self, hidden: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
         if self.z_loss > 0 and not self.sum_only:

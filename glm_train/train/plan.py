@@ -96,7 +96,11 @@ peak phases  the activations above peak at the first backward op of a stage's st
                          of c tokens, at the forward's last chunk, the scored states' gradient
                          f s*b*h*w, the FP32 weight gradient 4 V h / t and 4 + w bytes per logit of
                          one chunk, min(c, f s b) V / t (its bf16 logits and their FP32 copy, then the
-                         FP32 softmax and its bf16 gradient; in FP32 the one tensor, 4 bytes)
+                         FP32 softmax and its bf16 gradient; in FP32 the one tensor, 4 bytes;
+                         under train.compile in bf16 at t = 1, 2w: the logits and their gradient),
+                         or, where larger (2-byte precisions), the chunk's gradient w per logit
+                         beside its weight-gradient product w V h / t, on a CPU plus its FP32 copy
+                         4 V h / t
                backward  (every stage, when larger) one block's backward: w s*b*h (2 + 2I / (h t)) for
                          the incoming gradient, the one LN2 accumulates and the GeGLU gradients
                          (+ I / (h t) when geglu is recomputed), or, when attention matrices are rebuilt
@@ -333,7 +337,7 @@ def backward_working_bytes(cfg: GLMConfig, device: str = "gpu") -> float:
     return max(mlp_phase, attn_phase)
 
 
-def head_bytes(cfg: GLMConfig) -> float:
+def head_bytes(cfg: GLMConfig, device: str = "gpu") -> float:
     """The last stage's buffers at the head's peak (docstring, "head"), per micro-batch."""
     m, t, w = cfg.model, cfg.parallel.tp, _element_bytes(cfg)
     sbh = m.seq_length * cfg.train.micro_batch * m.hidden
@@ -342,9 +346,22 @@ def head_bytes(cfg: GLMConfig) -> float:
     chunk = head_chunk(cfg)
     if chunk == 0:
         return (1 + SCORED_FRACTION) * sbh * w + scored * vocab * LOGIT_BYTES
-    # One chunk's FP32 logits, and in 2-byte precisions their bf16 matmul output, then their gradient.
-    per_logit = 4 + (w if w < 4 else 0)
-    return (1 + 2 * SCORED_FRACTION) * sbh * w + 4 * vocab * m.hidden + per_logit * min(chunk, scored) * vocab
+    rows = min(chunk, scored)
+    compiled = cfg.train.compile and cfg.precision == Precision.bf16 and t == 1
+    return ((1 + 2 * SCORED_FRACTION) * sbh * w + 4 * vocab * m.hidden
+            + fused_head_transient(rows, vocab, m.hidden, w, compiled, device))
+
+
+def fused_head_transient(rows: float, vocab: float, hidden: int, w: int, compiled: bool, device: str) -> float:
+    """Bytes one chunk of ``rows`` scored tokens of the fused head holds beyond its inputs and the two
+    gradients it fills (``vocab`` rows of the weight on this rank, ``w``-byte elements)."""
+    # Its FP32 logits, and in 2-byte precisions their bf16 matmul output, then their gradient; with
+    # the compiled chunk kernels (bf16, TP = 1) the bf16 logits and their gradient only.
+    per_logit = 2 * w if compiled else 4 + (w if w < 4 else 0)
+    # Then, in 2-byte precisions, the chunk's gradient beside its weight-gradient product (V/t x h),
+    # which a CPU adds into the FP32 sum through an FP32 copy (CUDA casts inside the kernel).
+    product = 0.0 if w == 4 else w * rows * vocab + (w + (4 if device == "cpu" else 0)) * vocab * hidden
+    return max(per_logit * rows * vocab, product)
 
 
 def _stored_per_microbatch(cfg: GLMConfig, device: str, layers: range) -> tuple[float, float, int]:
@@ -484,7 +501,7 @@ def plan(cfg: GLMConfig, world_size: int, device: str = "gpu") -> dict[str, Any]
             block_grad = block_params(m) / tp * (4 - w)
         if block_grad and blocks:
             backward += max(0.0, (blocks - 1) * (block_grad - in_blocks / blocks))
-        logits = head_bytes(cfg) if last else 0.0
+        logits = head_bytes(cfg, device) if last else 0.0
         stages.append(StageMemory(i, params, params * w, grads, optim, stored * inflight, logits, backward,
                                   grads_live, step, zero_bucket_elements(params, p.zero_bucket_elements) * w if p.zero_stage >= 1 else 0.0,
                                   early_grads))
