@@ -131,6 +131,13 @@ def _chunk_terms(logits: torch.Tensor, target: torch.Tensor, c: torch.Tensor,
     return (c * loss).sum(), g.to(logits.dtype)
 
 
+def compiled_chunks_apply(compiled: bool, dtype: torch.dtype, tp_size: int) -> bool:
+    """Whether the fused head runs its chunks through :func:`compiled_chunk_terms`: under
+    train.compile, in bf16 (FP32 keeps the eager in-place steps: as fast on a CPU, one chunk-sized
+    tensor instead of two) and at TP = 1 (the all-reduces sit between the eager steps)."""
+    return compiled and dtype == torch.bfloat16 and tp_size == 1
+
+
 @functools.cache
 def compiled_chunk_terms() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """``_chunk_terms`` through torch.compile, built on first use (the fused head under train.compile)."""
@@ -155,7 +162,7 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if grads else None
         # Summed over chunks in FP32: a bf16 running sum would round the total at every chunk.
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads else None
-        fused = compiled and grads and hidden.dtype == torch.bfloat16 and tp_world_size() == 1
+        fused = grads and compiled_chunks_apply(compiled, hidden.dtype, tp_world_size())
         for lo in range(0, hidden.shape[0], chunk):
             h, t, c = hidden[lo:lo + chunk], target[lo:lo + chunk], coeff[lo:lo + chunk]
             if fused:
@@ -189,9 +196,8 @@ def chunked_head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     weights (the loss mask over the token count). Logits are made ``chunk`` rows at a time and the
     gradients in the forward pass, so no [N, V/tp] tensor outlives its chunk. Not for fp16: its
     gradients need the loss scale inside the head (the logits' gradient underflows without it).
-    ``compiled``: bf16 at TP = 1 computes each chunk's softmax and gradient in kernels fused by
-    torch.compile (``compiled_chunk_terms``); FP32 keeps the eager steps, which on a CPU are as fast
-    and hold one chunk's logits instead of two.
+    ``compiled``: each chunk's softmax and gradient in kernels fused by torch.compile where
+    :func:`compiled_chunks_apply` says so (bf16 at TP = 1).
     """
     if hidden.dtype == torch.float16:
         raise ValueError("chunked_head_cross_entropy: fp16 needs the loss scale inside the head's gradient")

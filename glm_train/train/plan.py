@@ -120,7 +120,6 @@ overhead     5% on top (allocator fragmentation, communication buffers, workspac
 
 Checked against the peak of live tensor bytes of CPU training runs (benchmarks/plan_check.py,
 docs/performance.md), CUDA's max_memory_allocated where a GPU was lent, and the GLM-130B layout.
-Not modelled: torch.compile (train.compile), which fuses element-wise work and keeps less.
 """
 
 from __future__ import annotations
@@ -185,6 +184,13 @@ def _element_bytes(cfg: GLMConfig) -> int:
     return 4 if cfg.precision == Precision.fp32 else 2
 
 
+def _torch_dtype(cfg: GLMConfig) -> Any:
+    """The model's torch dtype for ``cfg.precision``."""
+    import torch
+
+    return {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}[cfg.precision]
+
+
 def _cpu_upcasts(cfg: GLMConfig) -> bool:
     import torch
 
@@ -202,10 +208,8 @@ def _blocks_kernel(cfg: GLMConfig, device: str) -> str | None:
 
     if device != "cpu" or AttentionImpl(cfg.model.attention_impl).resolve(device) != AttentionImpl.blocks:
         return None
-    if _element_bytes(cfg) == 4 or _cpu_upcasts(cfg):  # half precision upcast to FP32 on such CPUs
-        dtype = torch.float32
-    else:
-        dtype = torch.float16 if cfg.precision == Precision.fp16 else torch.bfloat16
+    # Half precision is upcast to FP32 on CPUs without native bf16 dot products.
+    dtype = torch.float32 if _element_bytes(cfg) == 4 or _cpu_upcasts(cfg) else _torch_dtype(cfg)
     return prefix_blocks.kernel(dtype, cfg.model.attention_dropout, cfg.model.heads // cfg.parallel.tp,
                                 cfg.model.seq_length)
 
@@ -346,10 +350,11 @@ def head_bytes(cfg: GLMConfig, device: str = "gpu") -> float:
     chunk = head_chunk(cfg)
     if chunk == 0:
         return (1 + SCORED_FRACTION) * sbh * w + scored * vocab * LOGIT_BYTES
-    rows = min(chunk, scored)
-    compiled = cfg.train.compile and cfg.precision == Precision.bf16 and t == 1
+    from glm_train.parallel.cross_entropy import compiled_chunks_apply
+
+    compiled = compiled_chunks_apply(cfg.train.compile, _torch_dtype(cfg), t)
     return ((1 + 2 * SCORED_FRACTION) * sbh * w + 4 * vocab * m.hidden
-            + fused_head_transient(rows, vocab, m.hidden, w, compiled, device))
+            + fused_head_transient(min(chunk, scored), vocab, m.hidden, w, compiled, device))
 
 
 def fused_head_transient(rows: float, vocab: float, hidden: int, w: int, compiled: bool, device: str) -> float:
