@@ -185,6 +185,48 @@ def test_geglu_halves_match_the_fused_projection(dtype, recompute):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["kept", "recomputed"])
+def test_compiled_geglu_never_concatenates_activation_gradients(recompute):
+    """Under torch.compile the MLP projects gate and up separately (geglu_halves): the backward graph
+    must hold no [B, S, 2f] concatenation, which Inductor lowers on CUDA to a kernel that evaluates
+    both halves' formulas at every element. Values and gradients (input, fused weight, bias) against
+    the eager module. AOTAutograd with graph-recording compilers: Dynamo's tracing, no C++ build."""
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    backward_graphs = []
+
+    def backend(gm, example_inputs):
+        def forward_compiler(g, _):
+            return make_boxed_func(g.forward)
+
+        def backward_compiler(g, _):
+            backward_graphs.append(g)
+            return make_boxed_func(g.forward)
+        return aot_module_simplified(gm, example_inputs, fw_compiler=forward_compiler,
+                                     bw_compiler=backward_compiler)
+
+    cfg = ModelConfig(hidden=64, heads=4, layers=2, seq_length=16, vocab_size=V)
+    mlp = GeGLU(cfg, 0, 0.5, seed=3, recompute=recompute)
+    with torch.no_grad():
+        mlp.dense_in.bias.normal_()  # zero at init: make its gradient path matter
+    x0, grad_out = torch.randn(2, 16, 64), torch.randn(2, 16, 64)
+    results = []
+    for module in (mlp, torch.compile(mlp, backend=backend)):
+        x = x0.clone().requires_grad_()
+        mlp.zero_grad()
+        y = module(x)
+        y.backward(grad_out)
+        results.append([y.detach(), x.grad, mlp.dense_in.weight.grad.clone(), mlp.dense_in.bias.grad.clone()])
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    two_f = 2 * cfg.ffn_size()
+    cats = [n.meta["val"].shape for g in backward_graphs for n in g.graph.nodes
+            if n.op == "call_function" and n.target == torch.ops.aten.cat.default]
+    assert backward_graphs and cats  # the weight's and the bias's gradients: [2f, d] and [2f]
+    assert all(tuple(shape) in ((two_f, 64), (two_f,)) for shape in cats), cats
+
+
 @pytest.mark.parametrize("variant", ["glm130b", "deepnet"])
 def test_deepnorm_init_scales(variant):
     n = 6
