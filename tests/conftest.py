@@ -93,3 +93,31 @@ def blocks_at_any_size(monkeypatch: pytest.MonkeyPatch) -> None:
     from glm_train.model import prefix_blocks
 
     monkeypatch.setattr(prefix_blocks, "MIN_SCORES", dict.fromkeys(prefix_blocks.MIN_SCORES, 0))
+
+
+@pytest.fixture
+def one_process_group(monkeypatch: pytest.MonkeyPatch):
+    """A one-rank gloo process group wrapped by DeepSpeed, in this test process; torn down after."""
+    import torch.distributed as dist
+
+    from tests.multiproc import free_port
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this test process")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for key, val in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, val)
+    import deepspeed
+    import deepspeed.ops
+
+    # As glm_train.env does: DeepSpeed would otherwise JIT-compile its shm op in init_distributed on CPU.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)  # wraps the existing group
+    try:
+        yield
+    finally:
+        from glm_train.parallel.state import set_tensor_parallel_group
+
+        set_tensor_parallel_group(None)
+        dist.destroy_process_group()

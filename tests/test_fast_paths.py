@@ -31,6 +31,7 @@ def _block_step(cfg: ModelConfig, recompute: frozenset[str],
 
 
 @pytest.mark.parametrize("impl,dtype", [(AttentionImpl.sdpa, torch.float32), (AttentionImpl.eager, torch.float32),
+                                        (AttentionImpl.split, torch.float32),
                                         (AttentionImpl.blocks, torch.float32), (AttentionImpl.blocks, torch.bfloat16)])
 def test_selective_recompute_is_exact_and_saves_memory(impl, dtype, blocks_at_any_size):
     # blocks without attention dropout: with it, blocks hands the call to the masked kernel. In bf16
@@ -46,6 +47,45 @@ def test_selective_recompute_is_exact_and_saves_memory(impl, dtype, blocks_at_an
         assert saved[parts] < ref_bytes, (parts, saved[parts], ref_bytes)
     assert saved[frozenset({"attention", "geglu"})] < min(saved[frozenset({"attention"})],
                                                           saved[frozenset({"geglu"})])
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("prefix", [[0, 5, 13, 24], [9, 9, 9, 9], [24, 24, 24, 24], [0, 0, 0, 0]],
+                         ids=["mixed", "one_length", "all_part_a", "no_part_a"])
+def test_split_attention_backward_is_bitwise_autograds_composition(prefix, dtype, dropout):
+    """split's own backward (_SplitPrefixAttention: the Part-A gradients added in place) against
+    autograd's composition of the same two calls (own_backward=False, the path under selective
+    recomputation): bitwise equal values and q, k, v gradients, dropout drawn alike; the output in
+    the [B, S, H, D] layout the output projection reads; the function keeps nothing but views of q,
+    k, v beside the inner calls' saved state; a second backward is refused, not wrong."""
+    from glm_train.model.attention import split_prefix_attention
+
+    torch.manual_seed(0)
+    b, h, s, d = 4, 3, 24, 16
+    base = [torch.randn(b, h, s, d, dtype=dtype) for _ in range(3)]
+    grad_out = torch.randn(b, s, h, d, dtype=dtype).transpose(1, 2)
+    lengths = torch.tensor(prefix)
+    results = []
+    for own in (False, True):
+        q, k, v = (t.clone().requires_grad_() for t in base)
+        torch.manual_seed(5)
+        out = split_prefix_attention(q, k, v, lengths, dropout, own_backward=own)
+        if own:
+            assert out.transpose(1, 2).is_contiguous()
+            storages = {t.untyped_storage().data_ptr() for t in (q, k, v)}
+            held = [t for part in out.grad_fn.parts for t in part[2]]
+            assert held and all(t.untyped_storage().data_ptr() in storages for t in held)
+        out.backward(grad_out, retain_graph=own)
+        results.append([out.detach(), q.grad, k.grad, v.grad])
+        if own:
+            with pytest.raises(RuntimeError, match="runs once"):
+                out.backward(grad_out)
+    for got, want in zip(results[1], results[0], strict=True):
+        assert torch.equal(got, want)
+    with torch.no_grad():  # inference: the same calls, assembled without autograd
+        torch.manual_seed(5)
+        assert torch.equal(split_prefix_attention(*base, lengths, dropout), results[0][0])
 
 
 @pytest.mark.slow
@@ -261,3 +301,30 @@ def test_bf16_cpu_attention_either_kernel_matches_fp32(upcast, monkeypatch, bloc
     rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
     errs = rel(outs[1], outs[0]), rel(grads[1], grads[0])  # measured: 5e-3 and 1.1e-2 either way
     assert errs[0] < 2e-2 and errs[1] < 5e-2, errs
+
+
+@pytest.mark.parametrize("prefix", [[16, 24], [20, 20]], ids=["mixed", "one_length"])
+def test_split_attention_under_deepspeeds_block_recomputation_is_exact(one_process_group, prefix):
+    """DeepSpeed's pipeline recomputes checkpointed blocks reentrantly: the first forward runs
+    without gradients (split's inference path), the replay with them (its own backward). With
+    dropout on the hidden states and in attention, every block recomputed against none: the same
+    loss and bitwise the same gradients."""
+    from glm_train.parallel.topology import ParallelState
+    from glm_train.train.pipeline import glm_pipeline
+
+    cfg = ModelConfig(vocab_size=320, layers=3, hidden=64, heads=4, seq_length=48, attention_impl="split",
+                      dropout=0.1, attention_dropout=0.1)
+    ids = torch.randint(0, 320, (2, 48), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(48).expand(2, 48).contiguous()
+    prefix = torch.tensor(prefix)
+    loss_mask = (torch.arange(48).unsqueeze(0) >= prefix.unsqueeze(1)).float()
+    results = []
+    for interval in (0, 1):
+        module = glm_pipeline(cfg, 1, ParallelState(1, 1, 1).topology, activation_checkpoint_interval=interval)
+        module._precompute_checkpointable_values()  # as DeepSpeed's PipelineEngine does on construction
+        module.train()
+        torch.manual_seed(3)
+        loss = module.loss_fn(module((ids, pos, prefix)), (ids, loss_mask))
+        loss.backward()
+        results.append([loss.detach(), *[p.grad for p in module.parameters()]])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))

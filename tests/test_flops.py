@@ -7,8 +7,6 @@ activation checkpointing, and a count from the shapes of the model's own weight 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -25,7 +23,6 @@ from glm_train.train.flops import (
     recomputed_blocks,
 )
 from glm_train.train.loss import masked_token_losses
-from tests.multiproc import free_port
 
 V, B, S = 320, 2, 48
 
@@ -125,31 +122,6 @@ def test_checkpointed_blocks_add_one_forward_each():
 
     assert _count(step) == pytest.approx(hardware_flops_per_token(cfg, S, 1.0, 1) * B * S, rel=0, abs=0.5)
     assert hardware_flops_per_token(cfg, S, 1.0, 0) == model_flops_per_token(cfg, S)
-
-
-@pytest.fixture
-def one_process_group(monkeypatch):
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        pytest.skip("a process group already exists in this test process")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    for key, val in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
-        monkeypatch.setenv(key, val)
-    import deepspeed
-    import deepspeed.ops
-
-    # As glm_train.env does: DeepSpeed would otherwise JIT-compile its shm op in init_distributed on CPU.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)  # wraps the existing group
-    try:
-        yield
-    finally:
-        from glm_train.parallel.state import set_tensor_parallel_group
-
-        set_tensor_parallel_group(None)
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize(("interval", "selective"), [(0, ()), (1, ()), (2, ()), (3, ()), (0, ("attention",)),
