@@ -14,6 +14,8 @@
 #      both with a kernel profile of one extra step
 #   1. python3 -m pytest -q -m gpu tests/test_gpu.py   (forward bf16/fp32 vs CPU, SDPA vs eager,
 #      bf16 ZeRO-1 training + checkpoint + resume, eager and compiled, fp32 GPU vs CPU training)
+#   5. python3 benchmarks/block_parts.py: split attention's own backward and the compiled GeGLU's two
+#      projections, each against the plain form it replaced, at glm-1b's shape
 #   2'. eager, and compiled without dropout, each with accumulation
 #   3. python3 benchmarks/plan_check.py: glm-plan's memory estimate against measured peaks
 #   2''. compiled with the whole head (train.head_chunk=0)
@@ -199,6 +201,17 @@ if [ "$env_rc" = 0 ]; then
         -rs -p no:cacheprovider --junitxml="$OUT/pytest.xml" 2>&1 | tee "$OUT/pytest.log"
     pytest_rc=${PIPESTATUS[0]}
     note "pytest: exit $pytest_rc"
+
+    # Two parts of a block at glm-1b's shape (micro-batch 8), ours against the plain form it replaced:
+    # split attention's own backward against autograd's composition; the compiled GeGLU's two
+    # projections against the fused one (whose gradient concatenation Inductor makes a slow kernel).
+    t=$(left 90)
+    if [ "$t" -ge 45 ] && [ -n "$GPU_MEM" ]; then
+        echo "== 5. block parts ($((BUDGET_S - SECONDS)) s of budget left)"
+        timeout -k 10 "$t" "$PY" benchmarks/block_parts.py --batch 8 --seq 2048 --hidden 2048 --heads 32 \
+            --rounds 5 --json "$OUT/block_parts.json" 2>&1 | tee "$OUT/block_parts.log"
+        note "block_parts: exit ${PIPESTATUS[0]}"
+    fi
 
     if [ -n "$mb_ok" ]; then
         p=$(plan_fit "$ACCUM")
