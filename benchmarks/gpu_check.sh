@@ -16,7 +16,8 @@
 #      bf16 ZeRO-1 training + checkpoint + resume, eager and compiled, fp32 GPU vs CPU training)
 #   5. python3 benchmarks/block_parts.py: split attention's own backward and the compiled GeGLU's two
 #      projections, each against the plain form it replaced, at glm-1b's shape
-#   2'. eager, and compiled without dropout, each with accumulation
+#   2'. compiled with a Part A length per sample (GLM's real batches), eager, and compiled without
+#      dropout, each with accumulation
 #   3. python3 benchmarks/plan_check.py: glm-plan's memory estimate against measured peaks
 #   2''. compiled with the whole head (train.head_chunk=0)
 #   4. python3 benchmarks/head_loss.py: the head alone, whole / eager chunks / compiled chunks
@@ -181,6 +182,7 @@ if [ "$env_rc" = 0 ]; then
     #   compile_accN_mbM  torch.compile, N micro-batches of M per step, M the largest glm-plan fits (the
     #                     next smaller on running out of memory), profiled: the headline MFU figure
     #   compile_mbM       the same micro-batch, one per step: what accumulation buys, side by side
+    #   persample_..      the headline's run with a Part A length drawn per sample (GLM's real batches)
     #   default_accN_mbM  the defaults on a GPU (eager, split attention, fused AdamW), accumulated
     #   nodropout_..      compiled and accumulated without dropout (the preset's 0.1 costs a pass per site)
     #   wholehead_..      compiled with the whole head (train.head_chunk=0) instead of the fused one
@@ -214,6 +216,11 @@ if [ "$env_rc" = 0 ]; then
     fi
 
     if [ -n "$mb_ok" ]; then
+        # The headline's run with a Part A length drawn per sample, as GLM's real batches have: split
+        # attention then makes one Part-A call per sample instead of one batched call.
+        # shellcheck disable=SC2086
+        mfu "persample_compile_acc${ACCUM}_mb$mb_ok" "$mb_ok" 120 --compile --grad-accum "$ACCUM" \
+            --part-a per-sample $ACCUM_STEPS_ARGS
         p=$(plan_fit "$ACCUM")
         echo "glm-plan: eager, $ACCUM micro-batches a step: micro-batch ${p:-?}"
         # shellcheck disable=SC2086

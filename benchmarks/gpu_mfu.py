@@ -9,8 +9,9 @@ The model is ``configs/model/<--model>.yaml`` (default glm-1b: 24 layers, d=2048
 ``glm_train.train.engine.build_engine`` exactly as a run builds it (tp = pp = dp = 1, ZeRO-1, the
 precision's DeepSpeed optimizer, torch AdamW) and stepped with ``engine.train_batch``. The batches are
 synthetic but shaped like GLM's: random tokens, 1D positions, a Part A of ``(1 - scored_fraction) *
-seq`` tokens (bidirectional) and a Part B that is causal and scored; the data pipeline's own cost is
-not included (benchmarks/data_pipeline.py measures it).
+seq`` tokens (bidirectional; ``--part-a per-sample``: a length drawn per sample with that mean) and a
+Part B that is causal and scored; the data pipeline's own cost is not included
+(benchmarks/data_pipeline.py measures it).
 
 Timing: ``--warmup`` steps, then ``--steps`` steps, each between ``torch.cuda.synchronize()`` calls.
 FLOPs per token come from ``glm_train/train/flops.py`` (matmuls only, training = 3 x forward, the
@@ -87,6 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.5,
         help="share of each sequence in Part B (scored; the head runs there only)",
     )
+    p.add_argument("--part-a", choices=["one", "per-sample"], default="one",
+                   help="one Part A length for every sample (default), or one drawn per sample (GLM's real "
+                        "batches: split attention then makes one Part-A call per sample)")
     p.add_argument("--dropout", type=float, help="override the preset's hidden and attention dropout")
     p.add_argument("--attention-impl", choices=["auto", "sdpa", "split", "eager"],
                    help="model.attention_impl (default: the preset's)")
@@ -145,23 +149,30 @@ def build_config(args: argparse.Namespace) -> Any:
     return cfg
 
 
-def synthetic_batches(cfg: Any, scored_fraction: float, grad_accum: int) -> tuple[list[Any], float]:
-    """One optimizer step's micro-batches and the exact scored share of positions."""
+def synthetic_batches(cfg: Any, scored_fraction: float, grad_accum: int,
+                      per_sample: bool = False) -> tuple[list[Any], float]:
+    """One optimizer step's micro-batches and the exact scored share of positions.
+
+    ``per_sample``: each sample's Part B length drawn uniformly from 1 .. 2 x the mean - 1 (as GLM's
+    real batches, where split attention makes one Part-A call per sample), not one length for all."""
     import torch
 
     m, b = cfg.model, cfg.train.micro_batch
     s = m.seq_length
     g = torch.Generator().manual_seed(cfg.train.seed)
     part_b = max(1, min(s - 1, round(s * scored_fraction)))
-    prefix = torch.full((b,), s - part_b, dtype=torch.long)
     positions = torch.arange(s).expand(b, s).contiguous()
-    loss_mask = (positions >= prefix.unsqueeze(1)).float()
-    out = []
+    out, scored = [], []
     for _ in range(grad_accum):
         ids = torch.randint(0, m.vocab_size, (b, s), generator=g)
         targets = torch.randint(0, m.vocab_size, (b, s), generator=g)
+        lengths = (torch.randint(1, 2 * part_b, (b,), generator=g).clamp(max=s - 1) if per_sample
+                   else torch.full((b,), part_b))
+        prefix = (s - lengths).long()
+        loss_mask = (positions >= prefix.unsqueeze(1)).float()
+        scored.append(loss_mask.mean())
         out.append(((ids, positions, prefix), (targets, loss_mask)))
-    return out, float(loss_mask.mean())
+    return out, float(torch.stack(scored).mean())
 
 
 def peak_matmul_tflops(device: str, dtype: Any, n: int) -> float:
@@ -289,8 +300,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for mod in engine.module.modules():
         if isinstance(mod, GLMEmbedding):
             mod.egs_alpha = float(alpha)  # as the trainer sets it each step
-    batches, scored = synthetic_batches(cfg, args.scored_fraction, args.grad_accum)
+    batches, scored = synthetic_batches(cfg, args.scored_fraction, args.grad_accum, args.part_a == "per-sample")
     res["scored_fraction"] = scored
+    res["part_a"] = args.part_a
 
     def sync() -> None:
         if cuda:
@@ -389,6 +401,7 @@ def print_table(res: dict[str, Any]) -> None:
             f"{res.get('attention_impl')} / {res.get('compile')} / {res.get('optimizer_impl')}",
         ),
         ("scored fraction (Part B)", res.get("scored_fraction")),
+        ("Part A lengths", res.get("part_a")),
         (
             "step time mean / median (s)",
             f"{fmt(res.get('step_time_mean_s'))} / {fmt(res.get('step_time_median_s'))}",
