@@ -53,7 +53,7 @@ activations  what autograd keeps of one block for one micro-batch (activation_by
                              S = 4 (FP32 softmax) + w (its bf16/fp16 cast, 0 in fp32) without attention
                              dropout, 4 + d + w (softmax, mask, dropped probs) with it
                split         (two mask-free SDPA calls, causal and Part A) A = 5w (rotated q, k; v's
-                             copy; causal output; the concatenated rows' copy for the dense) +
+                             copy; causal output; the rows assembled in the dense's input layout) +
                              (1 - f) w (Part-A output) + (2 - f) 4a/h (logsumexps), M = 0, S = 0;
                              on CPU with attention dropout two FP32 math-path calls: A = 12 + 12 (1 - f)
                              + w (fp32: 12 + 8 (1 - f) + 2w, a Part-A view of v keeping v's copy),
@@ -261,8 +261,8 @@ def _attention_terms(cfg: GLMConfig, device: str, recompute: bool) -> tuple[floa
         return 16 + w + lse, 4, 0
     if impl == AttentionImpl.split and not math_path:
         # Causal call: rotated q, k, the copy of v (model/rope.py: rotary_qkv), its output, logsumexp;
-        # Part-A call: its output and logsumexp on the Part-A rows; the rows' concatenation
-        # [b, H, s, D], copied for the dense.
+        # Part-A call: its output and logsumexp on the Part-A rows; the rows assembled into a
+        # [b, s, H, D] buffer, the dense's input (model/attention.py: _assemble).
         return 5 * w + part_a * w + (2 - SCORED_FRACTION) * 4 * m.heads / m.hidden, 0, 0
     if impl == AttentionImpl.split:  # two math-path calls in FP32: q, k, v copies and matrices of each
         # In fp32 the Part-A slice of v stays a view of v's copy, which it then keeps whole.
