@@ -14,6 +14,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -302,17 +303,17 @@ class Trainer:
         return s
 
     def _micro_batches(self, first_sample: int, global_batch: int
-                       ) -> list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
-        """This data-parallel rank's micro-batches of a global batch (contiguous sample ranges)."""
+                       ) -> Iterator[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
+        """This data-parallel rank's micro-batches of a global batch (contiguous sample ranges), built
+        one at a time as DeepSpeed loads them: after the first, each is built while the device still
+        runs the previous one's backward pass (its kernels are queued, not finished)."""
         t = self.cfg.train
         per_rank = global_batch // self.dp
         start = first_sample + self.dp_rank * per_rank
-        out = []
         for m in range(per_rank // t.micro_batch):
             first = start + m * t.micro_batch
             b = collate([self._sample(i) for i in range(first, first + t.micro_batch)])
-            out.append(((b["input_ids"], b["position_ids"], b["prefix_lengths"]), (b["targets"], b["loss_mask"])))
-        return out
+            yield (b["input_ids"], b["position_ids"], b["prefix_lengths"]), (b["targets"], b["loss_mask"])
 
     def _set_egs(self, alpha: float) -> None:
         from glm_train.model.embedding import GLMEmbedding
@@ -336,9 +337,12 @@ class Trainer:
         if self.loss_fn is not None:
             huge = cfg.debug.huge_grad_steps
             self.loss_fn.grad_multiplier = 1e30 if huge and step in huge else 1.0
-        batches = self._micro_batches(first, gb)
-        # Scored (Part-B) share of this rank's tokens: the head runs on those only (train/flops.py).
-        scored = float(sum(float(lab[1].sum()) for _, lab in batches)) / max(1, gb // self.dp * cfg.model.seq_length)
+        scored_tokens: list[float] = []
+
+        def batches() -> Iterator[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
+            for batch in self._micro_batches(first, gb):
+                scored_tokens.append(float(batch[1][1].sum()))  # a host tensor still: no device sync
+                yield batch
         verdicts: list[Verdict] = []
 
         g = cfg.stability.guard
@@ -357,8 +361,13 @@ class Trainer:
         self.gate.arm(decide)
         skipped_before = self.engine.skipped_steps
         t0 = time.perf_counter()
-        loss = self.engine.train_batch(iter(batches))
-        dt = time.perf_counter() - t0
+        loading = batches()
+        loss = self.engine.train_batch(loading)
+        dt = time.perf_counter() - t0  # includes building the micro-batches (all but the first overlap the device)
+        for _ in loading:  # pipeline stages that load no data still count the scored share
+            pass
+        # Scored (Part-B) share of this rank's tokens: the head runs on those only (train/flops.py).
+        scored = sum(scored_tokens) / max(1, gb // self.dp * cfg.model.seq_length)
         self._step_starts[step] = first
         for old in [s for s in self._step_starts if s <= step - cfg.stability.guard.rollback_window - 1]:
             del self._step_starts[old]
