@@ -258,6 +258,18 @@ def _assemble(causal: torch.Tensor, parts: list[_Part]) -> torch.Tensor:
     return out
 
 
+@functools.cache
+def _grad_takes_edges() -> bool:
+    """Whether ``torch.autograd.grad`` takes a gradient edge for an output (added in mid-2024, after
+    torch 2.4 branched, as far as known); where it does not, the output itself is held."""
+    x = torch.zeros(1, requires_grad=True)
+    try:
+        torch.autograd.grad(get_gradient_edge(x * 2), x, torch.ones(1))
+    except (TypeError, RuntimeError, AttributeError):
+        return False
+    return True
+
+
 class _SplitPrefixAttention(torch.autograd.Function):
     """The two calls of :func:`split_prefix_attention`, with a backward that adds the Part-A calls'
     gradients into the causal call's in place.
@@ -278,7 +290,8 @@ class _SplitPrefixAttention(torch.autograd.Function):
         out = _assemble(causal, parts[1:])
         # Held until backward, which drops them: each call's inputs (views of q, k, v) and its
         # output's gradient edge, not the output, which only a kernel that needs it keeps (CUDA's).
-        ctx.parts = [(rows, a, args, get_gradient_edge(o)) for rows, a, args, o in parts]
+        edge = get_gradient_edge if _grad_takes_edges() else (lambda o: o)
+        ctx.parts = [(rows, a, args, edge(o)) for rows, a, args, o in parts]
         return out
 
     @staticmethod
