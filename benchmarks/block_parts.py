@@ -27,7 +27,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.timing import alternate, peak_bytes, saved_bytes  # noqa: E402
 from glm_train.config import ModelConfig  # noqa: E402
 from glm_train.model.attention import split_prefix_attention  # noqa: E402
 from glm_train.model.mlp import GeGLU, geglu_plain  # noqa: E402
@@ -44,53 +44,16 @@ from glm_train.model.mlp import GeGLU, geglu_plain  # noqa: E402
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
-
-
-def _compare(args: argparse.Namespace, part: str, case: str,
-             variants: dict[str, Callable[[], None]], saved: dict[str, int | None]) -> list[dict[str, Any]]:
-    """Time ``variants`` (forward + backward each) alternately; the first is the reference."""
-    def timed(fn: Callable[[], None]) -> float:
-        _sync(args.device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(args.device)
-        return time.perf_counter() - t0
-
-    def peak(fn: Callable[[], None]) -> int | None:
-        if args.device != "cuda":
-            return None
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for fn in variants.values():
-        fn()  # untimed: allocator warm-up, and the compile
-    for _ in range(args.rounds):
-        for name, fn in variants.items():
-            times[name].append(timed(fn))
+def _compare(args: argparse.Namespace, part: str, case: str, variants: dict[str, Callable[[], None]],
+             saved: dict[str, int | None], clear: Callable[[], None]) -> list[dict[str, Any]]:
+    """Time ``variants`` (forward + backward each, ``clear`` dropping the gradients before each)
+    alternately; the first is the reference."""
+    times = alternate(variants, args.rounds, args.device, clear)
     first = statistics.median(next(iter(times.values())))
     return [{"part": part, "case": case, "variant": name, "device": args.device, "dtype": args.dtype,
              "median_s": statistics.median(t), "times_s": t, "vs_first": statistics.median(t) / first,
-             "saved_for_backward_bytes": saved[name], "peak_bytes": peak(variants[name])}
+             "saved_for_backward_bytes": saved[name],
+             "peak_bytes": peak_bytes(variants[name], args.device, clear)}
             for name, t in times.items()]
 
 
@@ -105,19 +68,21 @@ def attention_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     q, k, v = (torch.randn(b, s, h, d, dtype=dtype, device=dev).transpose(1, 2).requires_grad_()
                for _ in range(3))
     grad = torch.randn(b, s, h, d, dtype=dtype, device=dev).transpose(1, 2)
+    def clear() -> None:
+        q.grad = k.grad = v.grad = None
+
     rows = []
     for case, lengths in cases.items():
         def forward(own: bool, lengths: torch.Tensor = lengths) -> torch.Tensor:
             return split_prefix_attention(q, k, v, lengths.to(dev), args.dropout, own_backward=own)
 
         def step(own: bool, forward: Callable[[bool], torch.Tensor] = forward) -> None:
-            q.grad = k.grad = v.grad = None
             forward(own).backward(grad)
 
         variants = {"composition": lambda step=step: step(False), "own backward": lambda step=step: step(True)}
-        saved = {"composition": _saved_bytes(lambda f=forward: f(False)),
-                 "own backward": _saved_bytes(lambda f=forward: f(True))}
-        rows += _compare(args, "attention", case, variants, saved)
+        saved = {"composition": saved_bytes(lambda f=forward: f(False)),
+                 "own backward": saved_bytes(lambda f=forward: f(True))}
+        rows += _compare(args, "attention", case, variants, saved, clear)
     return rows
 
 
@@ -133,14 +98,16 @@ def geglu_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     compiled = {"fused projection": torch.compile(fused), "halves": torch.compile(mlp.forward)}
 
-    def step(fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def clear() -> None:
         x.grad = None
         mlp.zero_grad(set_to_none=True)
+
+    def step(fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         fn(x).backward(grad)
 
     variants = {name: (lambda fn=fn: step(fn)) for name, fn in compiled.items()}
     return _compare(args, "geglu (compiled)", f"{args.batch * args.seq} tokens, f={cfg.ffn_size()}", variants,
-                    dict.fromkeys(variants))
+                    dict.fromkeys(variants), clear)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +27,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.timing import alternate, peak_bytes, saved_bytes  # noqa: E402
 from glm_train.model.embedding import GLMEmbedding  # noqa: E402
 from glm_train.train.loss import GLMHeadLoss  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -61,52 +56,26 @@ def _one_dtype(args: argparse.Namespace, name: str, chunks: list[str]) -> list[d
     targets = torch.randint(0, args.vocab, (1, args.tokens), device=args.device)
     mask = torch.ones(1, args.tokens, device=args.device)
 
-    def call(chunk: str) -> float:
-        _set(fn, chunk)
+    def clear() -> None:
         hidden.grad = head.weight.grad = None
-        _sync(args.device)
-        t0 = time.perf_counter()
-        fn(hidden, (targets, mask)).backward()
-        _sync(args.device)
-        return time.perf_counter() - t0
 
-    def saved_bytes(chunk: str) -> int:
-        _set(fn, chunk)
-        storages: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn(hidden, (targets, mask))
-        return sum(storages.values())
-
-    def peak_bytes(chunk: str) -> int | None:
-        if args.device != "cuda":
-            return None
-        hidden.grad = head.weight.grad = None
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+    def step(chunk: str) -> None:
         _set(fn, chunk)
         fn(hidden, (targets, mask)).backward()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
 
-    times: dict[str, list[float]] = {c: [] for c in chunks}
-    for c in chunks:
-        call(c)  # untimed
-    for _ in range(args.rounds):
-        for c in chunks:
-            times[c].append(call(c))
+    def forward(chunk: str) -> None:
+        _set(fn, chunk)
+        fn(hidden, (targets, mask))
+
+    times = alternate({c: (lambda c=c: step(c)) for c in chunks}, args.rounds, args.device, clear)
     whole = statistics.median(times[chunks[0]])
     for c in chunks:
         med = statistics.median(times[c])
         rows.append({"dtype": name, "head_chunk": c, "tokens": args.tokens, "hidden": args.hidden,
                      "vocab": args.vocab, "device": args.device, "median_s": med,
                      "times_s": times[c], "vs_first": med / whole,
-                     "saved_for_backward_bytes": saved_bytes(c), "peak_bytes": peak_bytes(c)})
+                     "saved_for_backward_bytes": saved_bytes(lambda c=c: forward(c)),
+                     "peak_bytes": peak_bytes(lambda c=c: step(c), args.device, clear)})
     return rows
 
 
