@@ -70,8 +70,12 @@ def test_bf16_tp2_pp2_close_to_one_process(tiny_data, reference, tmp_path):
     _compare(reference["bf16"], got, 2e-2)
 
 
-def test_tp2_pp2_resume_and_recompute_are_exact_with_dropout(tiny_data, tmp_path):
+@pytest.mark.parametrize("impl", ["auto", "split"])
+def test_tp2_pp2_resume_and_recompute_are_exact_with_dropout(tiny_data, tmp_path, impl):
+    # split (the GPU default): its own backward in the full run and in DeepSpeed's block replays,
+    # autograd's composition under selective recomputation; bitwise alike, TP's dropout fork included.
     n, extra = _layout(2, 2, 1)
+    extra = [*extra, f"model.attention_impl={impl}"]
     full = _launch(tiny_data, tmp_path / "full", n, *extra, "model.dropout=0.1", "model.attention_dropout=0.1")
     # Activation recomputation must replay the same dropout masks (TP-sharded ones included), whole
     # blocks and, inside their replay, the selectively recomputed attention core and GeGLU.
