@@ -59,6 +59,8 @@ def test_split_attention_backward_is_bitwise_autograds_composition(prefix, dtype
     recomputation): bitwise equal values and q, k, v gradients, dropout drawn alike; the output in
     the [B, S, H, D] layout the output projection reads; the function keeps nothing but views of q,
     k, v beside the inner calls' saved state; a second backward is refused, not wrong."""
+    from torch.autograd.graph import GradientEdge
+
     from glm_train.model.attention import split_prefix_attention
 
     torch.manual_seed(0)
@@ -76,6 +78,8 @@ def test_split_attention_backward_is_bitwise_autograds_composition(prefix, dtype
             storages = {t.untyped_storage().data_ptr() for t in (q, k, v)}
             held = [t for part in out.grad_fn.parts for t in part[2]]
             assert held and all(t.untyped_storage().data_ptr() in storages for t in held)
+            # The calls' outputs are held as gradient edges only (this torch's autograd.grad takes them).
+            assert all(isinstance(part[3], GradientEdge) for part in out.grad_fn.parts)
         out.backward(grad_out, retain_graph=own)
         results.append([out.detach(), q.grad, k.grad, v.grad])
         if own:

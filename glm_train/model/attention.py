@@ -264,7 +264,8 @@ def _grad_takes_edges() -> bool:
     torch 2.4 branched, as far as known); where it does not, the output itself is held."""
     x = torch.zeros(1, requires_grad=True)
     try:
-        torch.autograd.grad(get_gradient_edge(x * 2), x, torch.ones(1))
+        with torch.enable_grad():  # the first caller may be a Function's forward (no grad there)
+            torch.autograd.grad(get_gradient_edge(x * 2), x, torch.ones(1))
     except (TypeError, RuntimeError, AttributeError):
         return False
     return True
