@@ -1,10 +1,11 @@
-"""What the micro-benchmarks (head_loss.py, block_parts.py) share: variants timed alternately, the
-bytes a forward keeps for backward, and a call's peak GPU memory."""
+"""What the micro-benchmarks (head_loss.py, block_parts.py) and the memory tests share: variants timed
+alternately, the bytes a forward keeps for backward, and a call's peak GPU memory."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -38,15 +39,26 @@ def alternate(variants: dict[str, Callable[[], object]], rounds: int, device: st
     return times
 
 
-def saved_bytes(forward: Callable[[], object]) -> int:
-    """Bytes of the storages that ``forward`` saves for backward (saved-tensor hooks), each once."""
+@contextmanager
+def saved_storages(exclude: frozenset[int] = frozenset()) -> Iterator[dict[int, int]]:
+    """Within the block, record {storage address: bytes} of every tensor saved for backward, each
+    storage once and whole (views such as q, k, v of one projection share theirs), except the
+    addresses in ``exclude`` (e.g. the parameters')."""
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        st = t.untyped_storage()
+        if st.data_ptr() not in exclude:
+            storages[st.data_ptr()] = st.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield storages
+
+
+def saved_bytes(forward: Callable[[], object]) -> int:
+    """Bytes of the storages that ``forward`` saves for backward (:func:`saved_storages`)."""
+    with saved_storages() as storages:
         forward()
     return sum(storages.values())
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.timing import saved_storages
 from glm_train.config import AttentionImpl, ModelConfig
 from glm_train.model.layer import GLMBlock
 from glm_train.model.mask import attention_mask, prefix_lm_mask
 from glm_train.model.rope import rope_tables
-from tests.saved_tensors import saved_storages
 from tests.test_train import _steps, _train
 
 

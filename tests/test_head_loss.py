@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.timing import saved_storages
 from glm_train.model.embedding import GLMEmbedding
 from glm_train.parallel.cross_entropy import chunked_head_cross_entropy
 from glm_train.train.loss import GLMHeadLoss
-from tests.saved_tensors import saved_storages
 from tests.test_train import _steps, _train
 
 N_BATCH, SEQ, HIDDEN, VOCAB = 4, 64, 32, 96

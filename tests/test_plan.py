@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from benchmarks.timing import saved_storages
 from glm_train.config import ConfigError, GLMConfig, ModelConfig, Precision, load_config
 from glm_train.train.plan import (
     GIB,
@@ -19,7 +20,6 @@ from glm_train.train.plan import (
     with_micro_batch,
 )
 from tests.conftest import REPO
-from tests.saved_tensors import saved_storages
 
 
 def test_block_params_match_the_module():

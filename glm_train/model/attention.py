@@ -187,41 +187,30 @@ def split_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pr
     Returns [B, H, S, D] in the [B, S, H, D] memory layout that the output projection reads. With
     gradients, by :class:`_SplitPrefixAttention` unless ``own_backward`` is False, which a caller
     inside a non-reentrant ``torch.utils.checkpoint`` must pass (its saved-tensor hooks would also
-    take the function's inner graph); there autograd's composition of the two calls runs instead.
+    take the function's inner graph); there autograd's composition of the two calls runs instead,
+    its output concatenated in [B, H, S, D] order.
     """
     lengths = prefix_lengths.tolist()  # one host sync per call, not per sample
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if not needs_grad:
-        causal, parts = _split_calls(q, k, v, lengths, dropout_p)
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        _, causal, parts = _split_calls(q, k, v, lengths, dropout_p)
         return _assemble(causal, parts)
     if own_backward:
         return _SplitPrefixAttention.apply(q, k, v, lengths, dropout_p)
-    causal = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
-    a = lengths[0]
-    if a > 0 and all(x == a for x in lengths):
-        part_a = F.scaled_dot_product_attention(q[:, :, :a], k[:, :, :a], v[:, :, :a], dropout_p=dropout_p)
-        return torch.cat([part_a, causal[:, :, a:]], dim=2)
-    rows = []
-    for b, a in enumerate(lengths):
-        if a <= 0:
-            rows.append(causal[b:b + 1])
-            continue
-        part_a = F.scaled_dot_product_attention(q[b:b + 1, :, :a], k[b:b + 1, :, :a], v[b:b + 1, :, :a],
-                                                dropout_p=dropout_p)
-        rows.append(torch.cat([part_a, causal[b:b + 1, :, a:]], dim=2))
-    return torch.cat(rows, dim=0)
+    _, causal, parts = _split_calls(q, k, v, lengths, dropout_p)
+    return _concatenate(causal, parts)
 
 
 _Part = tuple[slice, int, list[torch.Tensor], Any]  # batch rows, Part-A length, inputs, output (or its edge)
 
 
 def _split_calls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int], dropout_p: float,
-                 leaves: bool = False) -> tuple[torch.Tensor, list[_Part]]:
-    """The causal call over all rows and the Part-A calls: one batched call when every sample has the
-    same Part A (packed or synthetic batches; B calls of one sample each leave a GPU's
-    multiprocessors partly idle), else one per sample with a Part A. Called in this order (causal
-    first) on every path, so dropout draws the same masks. ``leaves``: each call's inputs are new
-    autograd leaves, views of q, k, v, so each call's gradients come back as their own tensors."""
+                 leaves: bool = False) -> tuple[list[torch.Tensor], torch.Tensor, list[_Part]]:
+    """The causal call over all rows (its inputs and output) and the Part-A calls: one batched call
+    when every sample has the same Part A (packed or synthetic batches; B calls of one sample each
+    leave a GPU's multiprocessors partly idle), else one per sample with a Part A. Called in this
+    order (causal first) on every path, so dropout draws the same masks. ``leaves``: each call's
+    inputs are new autograd leaves, views of q, k, v, so each call's gradients come back as their
+    own tensors."""
     def inputs(rows: slice, a: int | None) -> list[torch.Tensor]:
         views = [t[rows, :, :a] for t in (q, k, v)]
         return [t.detach().requires_grad_() for t in views] if leaves else views
@@ -237,9 +226,7 @@ def _split_calls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: lis
     for rows, a in groups:
         args = inputs(rows, a)
         parts.append((rows, a, args, F.scaled_dot_product_attention(*args, dropout_p=dropout_p)))
-    if leaves:
-        parts.insert(0, (slice(None), 0, full, causal))
-    return causal, parts
+    return full, causal, parts
 
 
 def _assemble(causal: torch.Tensor, parts: list[_Part]) -> torch.Tensor:
@@ -247,15 +234,26 @@ def _assemble(causal: torch.Tensor, parts: list[_Part]) -> torch.Tensor:
     buffer: the output projection's input layout, so its reshape copies nothing."""
     b, h, s, d = causal.shape
     out = causal.new_empty(b, s, h, d).transpose(1, 2)
-    covered = torch.zeros(b, dtype=torch.bool)
+    done: set[int] = set()
     for rows, a, _, part in parts:
-        if a > 0:
-            out[rows, :, :a] = part.detach()
-            out[rows, :, a:] = causal[rows, :, a:].detach()
-            covered[rows] = True
-    for i in (~covered).nonzero().flatten().tolist():  # host tensor: no device sync
-        out[i] = causal[i].detach()
+        out[rows, :, :a] = part.detach()
+        out[rows, :, a:] = causal[rows, :, a:].detach()
+        done.update(range(b)[rows])
+    for i in range(b):
+        if i not in done:  # no Part A: the causal call's rows whole
+            out[i] = causal[i].detach()
     return out
+
+
+def _concatenate(causal: torch.Tensor, parts: list[_Part]) -> torch.Tensor:
+    """:func:`_assemble` in autograd's own ops (slices and concatenations), for callers inside a
+    non-reentrant checkpoint."""
+    if len(parts) == 1 and parts[0][0] == slice(None):
+        _, a, _, part = parts[0]
+        return torch.cat([part, causal[:, :, a:]], dim=2)
+    by_row = {rows.start: (a, part) for rows, a, _, part in parts}
+    return torch.cat([torch.cat([by_row[i][1], causal[i:i + 1, :, by_row[i][0]:]], dim=2) if i in by_row
+                      else causal[i:i + 1] for i in range(causal.shape[0])], dim=0)
 
 
 @functools.cache
@@ -287,12 +285,12 @@ class _SplitPrefixAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, lengths, dropout_p):  # type: ignore[override]
         with torch.enable_grad():
-            causal, parts = _split_calls(q, k, v, lengths, dropout_p, leaves=True)
-        out = _assemble(causal, parts[1:])
+            full, causal, parts = _split_calls(q, k, v, lengths, dropout_p, leaves=True)
+        out = _assemble(causal, parts)
         # Held until backward, which drops them: each call's inputs (views of q, k, v) and its
         # output's gradient edge, not the output, which only a kernel that needs it keeps (CUDA's).
         edge = get_gradient_edge if _grad_takes_edges() else (lambda o: o)
-        ctx.parts = [(rows, a, args, edge(o)) for rows, a, args, o in parts]
+        ctx.parts = [(slice(None), 0, full, edge(causal))] + [(rows, a, args, edge(o)) for rows, a, args, o in parts]
         return out
 
     @staticmethod

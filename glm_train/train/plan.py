@@ -524,7 +524,6 @@ def step_time(result: dict[str, Any], world_size: int, peak_tflops: float, mfu: 
     return result["model_flops_per_step"] / (world_size * peak_tflops * 1e12 * mfu)
 
 
-
 def with_micro_batch(cfg: GLMConfig, micro_batch: int, world_size: int) -> GLMConfig:
     """A copy of ``cfg`` at ``micro_batch``, its micro-batches per pipeline kept (the global batch
     scales with the micro-batch), so FP32 gradient sums and in-flight counts stay what ``cfg`` has."""
