@@ -334,6 +334,12 @@ if ok:
               f"{h['tokens_per_s']:.0f} tokens/s, {h['model_tflops']:.1f} TFLOP/s, MFU "
               f"{h['mfu_vs_measured_peak']:.1%} of this process's measured peak, {h['model_tflops'] / top:.1%} "
               f"of the highest, {h['mfu_vs_datasheet'] or 0:.1%} of the datasheet{mem}")
+        idle = (h.get("profile") or {}).get("idle")
+        if idle:  # the profiled step: device time lost waiting for the host, by pipeline instruction
+            where = ", ".join(f"{r['name']} {r['idle_ms']:.1f} ms ({r['syncs']} syncs)"
+                              for r in idle["by_range"] if r["idle_ms"] >= 0.5)
+            print(f"headline's profiled step: device idle {idle['idle_ms']:.1f} of {idle['window_ms']:.1f} ms "
+                  f"({idle['idle_ms'] / idle['window_ms']:.1%}, profiler on): {where}")
         one = [r for n, r in ok if n == f"compile_mb{h['micro_batch']}"]
         if one:
             print(f"the same micro-batch, one a step: {one[0]['tokens_per_s']:.0f} tokens/s "

@@ -106,7 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--peak-size", type=int, help="square matmul size for the peak (default 8192; 1024 on CPU)"
     )
     p.add_argument("--profile-top", type=int, default=0,
-                   help="after the timed steps, profile one more and report its N costliest kernels")
+                   help="after the timed steps, profile two more (the first a warm-up) and report the second's N "
+                        "costliest kernels and the device's idle time by pipeline instruction")
     p.add_argument("--json", help="write the results here")
     return p.parse_args(argv)
 
@@ -203,21 +204,49 @@ def peak_matmul_tflops(device: str, dtype: Any, n: int) -> float:
 
 
 def profile_step(engine: Any, batches: list[Any], cuda: bool, top: int) -> dict[str, Any]:
-    """One more training step under torch.profiler: wall time, GPU busy time and the ``top`` costliest
-    kernels (ops on a CPU) by self time, each kernel counted once (not also under its aten op)."""
+    """One more training step under torch.profiler (after an untimed warm-up step under it, which takes
+    the tracer's start-up): wall time, device busy time, the ``top`` costliest kernels (ops on a CPU) by
+    self time, each kernel counted once (not also under its aten op), and the device's idle time by the
+    pipeline instruction the host was running meanwhile (benchmarks/idle.py)."""
     import torch
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function, schedule
+
+    from benchmarks.idle import SYNC_CALLS, format_report, idle_by_range
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    t0 = time.perf_counter()
-    with profile(activities=acts) as prof:
-        engine.train_batch(iter(batches))
-        if cuda:
-            torch.cuda.synchronize()
-    wall_ms = (time.perf_counter() - t0) * 1e3
+    got: dict[str, Any] = {}
+
+    def ready(prof: Any) -> None:
+        got["events"], got["averages"] = prof.events(), prof.key_averages()
+
+    # Each pipeline instruction as a named host range (grad_accum.py may have given the engine its own table).
+    table = engine._INSTRUCTION_MAP
+    own_table = "_INSTRUCTION_MAP" in vars(engine)
+
+    def ranged(kind: type, fn: Any) -> Any:
+        def run_instruction(self: Any, *args: Any, **kwargs: Any) -> Any:
+            with record_function(f"pipe/{kind.__name__}"):
+                return fn(self, *args, **kwargs)
+        return run_instruction
+
+    engine._INSTRUCTION_MAP = {kind: ranged(kind, fn) for kind, fn in table.items()}
+    try:
+        with profile(activities=acts, schedule=schedule(wait=0, warmup=1, active=1), on_trace_ready=ready) as prof:
+            for _ in range(2):
+                t0 = time.perf_counter()
+                engine.train_batch(iter(batches))
+                if cuda:
+                    torch.cuda.synchronize()
+                wall_ms = (time.perf_counter() - t0) * 1e3
+                prof.step()
+    finally:
+        if own_table:
+            engine._INSTRUCTION_MAP = table
+        else:
+            del engine._INSTRUCTION_MAP
     rows = []
-    for ev in prof.key_averages():
+    for ev in got["averages"]:
         if cuda:
             # Kernels only: aten ops would count them twice, and so would the GPU-side ranges of
             # record_function annotations (such as "Optimizer.step#AdamW.step").
@@ -226,7 +255,7 @@ def profile_step(engine: Any, batches: list[Any], cuda: bool, top: int) -> dict[
             t = ev.self_device_time_total
         else:
             t = ev.self_cpu_time_total
-        if t > 0:
+        if t > 0 and not ev.key.startswith(("pipe/", "ProfilerStep")):
             rows.append({"name": ev.key[:100], "self_ms": t / 1e3, "calls": ev.count})
     rows.sort(key=lambda r: -r["self_ms"])
     busy = sum(r["self_ms"] for r in rows)
@@ -236,7 +265,19 @@ def profile_step(engine: Any, batches: list[Any], cuda: bool, top: int) -> dict[
     print(f"profiled step: {wall_ms:.1f} ms wall (profiler on), {busy:.1f} ms of {what} time; the costliest:")
     for r in rows[:top]:
         print(f"  {r['self_ms']:9.2f} ms {r['share']:6.1%} {r['calls']:6d}x  {r['name']}")
-    return {"wall_ms": wall_ms, "busy_ms": busy, "kernels": len(rows), "top": rows[:top]}
+    events = got["events"]
+    ms = [(ev, ev.time_range.start / 1e3, ev.time_range.end / 1e3) for ev in events]
+    ranges = [(ev.name[5:], s, e) for ev, s, e in ms if ev.device_type == DeviceType.CPU and ev.name.startswith("pipe/")]
+    device = [(s, e) for ev, s, e in ms
+              if ev.device_type == DeviceType.CUDA and not getattr(ev, "is_user_annotation", False)]
+    syncs = [(s, e) for ev, s, e in ms if ev.device_type == DeviceType.CPU and ev.name in SYNC_CALLS]
+    report = idle_by_range(device, ranges, syncs)
+    for line in format_report(report, device=cuda):
+        print(line)
+    host = [{"name": r.name, "calls": r.calls, "host_ms": r.host_ms, "syncs": r.syncs}
+            for r in report.by_range if r.calls]
+    return {"wall_ms": wall_ms, "busy_ms": busy, "kernels": len(rows), "top": rows[:top],
+            "idle": report.as_dict() if cuda else None, "host_ranges": host}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
