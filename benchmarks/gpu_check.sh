@@ -11,7 +11,8 @@
 #   2. python3 benchmarks/gpu_mfu.py: MFU of the ~1B GLM (configs/model/glm-1b.yaml) in bf16,
 #      torch.compile, at the largest micro-batch glm-plan fits in this GPU's memory with 4 micro-batches
 #      per optimizer step (a training run's gradient accumulation), then the same micro-batch with one,
-#      both with a kernel profile of one extra step
+#      both with a kernel profile of one extra step and the device's idle time in it by pipeline
+#      instruction (benchmarks/idle.py)
 #   1. python3 -m pytest -q -m gpu tests/test_gpu.py   (forward bf16/fp32 vs CPU, SDPA vs eager,
 #      bf16 ZeRO-1 training + checkpoint + resume, eager and compiled, fp32 GPU vs CPU training)
 #   5. python3 benchmarks/block_parts.py: split attention's own backward and the compiled GeGLU's two
