@@ -339,8 +339,11 @@ if ok:
         if idle:  # the profiled step: device time lost waiting for the host, by pipeline instruction
             where = ", ".join(f"{r['name']} {r['idle_ms']:.1f} ms ({r['syncs']} syncs)"
                               for r in idle["by_range"] if r["idle_ms"] >= 0.5)
+            step_ms = h["step_time_mean_s"] * 1e3
             print(f"headline's profiled step: device idle {idle['idle_ms']:.1f} of {idle['window_ms']:.1f} ms "
-                  f"({idle['idle_ms'] / idle['window_ms']:.1%}, profiler on): {where}")
+                  f"({idle['idle_ms'] / idle['window_ms']:.1%}, profiler on): {where}; unprofiled, its "
+                  f"{idle['busy_ms']:.1f} ms of kernels leave {step_ms - idle['busy_ms']:.1f} ms of a "
+                  f"{step_ms:.1f} ms step idle")
         one = [r for n, r in ok if n == f"compile_mb{h['micro_batch']}"]
         if one:
             print(f"the same micro-batch, one a step: {one[0]['tokens_per_s']:.0f} tokens/s "
