@@ -213,6 +213,7 @@ def profile_step(engine: Any, batches: list[Any], cuda: bool, top: int) -> dict[
     from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
     from benchmarks.idle import SYNC_CALLS, format_report, idle_by_range
+    from glm_train.train.timers import wrap_instructions
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     got: dict[str, Any] = {}
@@ -220,17 +221,13 @@ def profile_step(engine: Any, batches: list[Any], cuda: bool, top: int) -> dict[
     def ready(prof: Any) -> None:
         got["events"], got["averages"] = prof.events(), prof.key_averages()
 
-    # Each pipeline instruction as a named host range (grad_accum.py may have given the engine its own table).
-    table = engine._INSTRUCTION_MAP
-    own_table = "_INSTRUCTION_MAP" in vars(engine)
-
-    def ranged(kind: type, fn: Any) -> Any:
+    def ranged(kind: type, fn: Any) -> Any:  # each pipeline instruction as a named host range
         def run_instruction(self: Any, *args: Any, **kwargs: Any) -> Any:
             with record_function(f"pipe/{kind.__name__}"):
                 return fn(self, *args, **kwargs)
         return run_instruction
 
-    engine._INSTRUCTION_MAP = {kind: ranged(kind, fn) for kind, fn in table.items()}
+    undo = wrap_instructions(engine, ranged)
     try:
         with profile(activities=acts, schedule=schedule(wait=0, warmup=1, active=1), on_trace_ready=ready) as prof:
             for _ in range(2):
@@ -241,10 +238,7 @@ def profile_step(engine: Any, batches: list[Any], cuda: bool, top: int) -> dict[
                 wall_ms = (time.perf_counter() - t0) * 1e3
                 prof.step()
     finally:
-        if own_table:
-            engine._INSTRUCTION_MAP = table
-        else:
-            del engine._INSTRUCTION_MAP
+        undo()
     rows = []
     for ev in got["averages"]:
         if cuda:

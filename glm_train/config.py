@@ -408,6 +408,10 @@ class RunConfig:
     wandb_mode: str = "offline"
     """wandb mode: offline (default, needs no account or network), online or disabled."""
     wandb_project: str = "glm_train"
+    timers: bool = False
+    """Record each step's time per pipeline instruction in metrics.jsonl (time_forward_s, time_backward_s,
+    time_optimizer_s, time_recv_activation_s, ...; glm_train/train/timers.py), this rank's. On a GPU the
+    device is synchronized around every instruction, which costs a little throughput."""
 
 
 @dataclass

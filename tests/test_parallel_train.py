@@ -52,7 +52,14 @@ def reference(tiny_data, tmp_path_factory) -> dict[str, list[dict]]:
 @pytest.mark.parametrize("layout", [(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1)])
 def test_fp32_zero1_layouts_match_one_process(tiny_data, reference, tmp_path, layout):
     n, extra = _layout(*layout)
-    _compare(reference["fp32"], _launch(tiny_data, tmp_path / "run", n, *extra), RTOL)
+    timed = layout == (1, 2, 1)  # run.timers on a pipeline: its send/receive times, and nothing else changes
+    got = _launch(tiny_data, tmp_path / "run", n, *extra, *(["run.timers=true"] if timed else []))
+    _compare(reference["fp32"], got, RTOL)
+    if timed:  # metrics.jsonl is rank 0's, the first stage: it sends activations and receives gradients
+        for r in (r for r in got if "loss" in r):
+            t = {k for k in r if k.startswith("time_")}
+            assert {"time_forward_s", "time_send_activation_s", "time_recv_grad_s", "time_optimizer_s"} <= t, t
+            assert "time_recv_activation_s" not in t
 
 
 @pytest.mark.parametrize("layout", [(1, 2, 1), (2, 2, 1)])

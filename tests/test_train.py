@@ -132,3 +132,22 @@ def test_min_new_tokens_defers_the_stop(full_run):
     model, tok, _ = load_trained(full_run)
     text = generate(model, tok, "the lord", SamplingConfig(max_new_tokens=12, min_new_tokens=12, seed=3))
     assert len(tok.encode(text)) >= 10  # 12 sampled ids; re-encoding may merge a few pieces
+
+
+def test_instruction_timers_account_for_the_step_and_change_nothing(tiny_data, tmp_path, full_run):
+    # run.timers: each step's time per pipeline instruction, from the same training (bitwise the same
+    # losses as the untimed run's first steps).
+    run_dir = tmp_path / "timed"
+    _train(tiny_data, run_dir, "run.timers=true", "train.exit_at_step=4")
+    timed, plain = _steps(run_dir), _steps(full_run)[:4]
+    assert [r["loss"] for r in timed] == [r["loss"] for r in plain]
+    assert not any(k.startswith("time_") for k in plain[0])
+    for r in timed:
+        t = {k: v for k, v in r.items() if k.startswith("time_")}
+        assert set(t) == {"time_load_s", "time_forward_s", "time_backward_s", "time_reduce_tied_grads_s",
+                          "time_reduce_grads_s", "time_optimizer_s"}, t
+        assert all(v > 0 for v in t.values())
+        # On a CPU the instructions run synchronously: they make up the step, less the building of the
+        # first micro-batch and the engine's bookkeeping between them.
+        assert 0.7 * r["step_time_s"] < sum(t.values()) <= r["step_time_s"], (t, r["step_time_s"])
+        assert t["time_forward_s"] + t["time_backward_s"] > 0.5 * r["step_time_s"]

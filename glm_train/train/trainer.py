@@ -40,6 +40,7 @@ from glm_train.train.schedules import (
     samples_before_step,
     uses_sample_schedule,
 )
+from glm_train.train.timers import InstructionTimers
 
 
 @dataclass
@@ -160,6 +161,7 @@ class Trainer:
         self.state = TrainState()
         self.guard = SpikeGuard(cfg.stability.guard)
         self.gate = UpdateGate(self.engine)
+        self.timers = InstructionTimers(self.engine) if cfg.run.timers else None
         self.loss_fn = getattr(self.engine.module, "loss_fn", None)
         c = cfg.debug.corrupt_steps
         self.corrupt = None if c is None else (samples_before_step(c[0], cfg.train),
@@ -360,6 +362,8 @@ class Trainer:
 
         self.gate.arm(decide)
         skipped_before = self.engine.skipped_steps
+        if self.timers is not None:
+            self.timers.pop()  # this step's instructions only (not an evaluation's)
         t0 = time.perf_counter()
         loading = batches()
         loss = self.engine.train_batch(loading)
@@ -398,6 +402,8 @@ class Trainer:
         rec["first_sample"] = first
         rec.update(self._flops(gb, dt, min(1.0, scored)))
         rec["skipped_steps"] = int(self.engine.skipped_steps)
+        if self.timers is not None:
+            rec.update(self.timers.pop())
         if cfg.precision == Precision.fp16:
             rec["loss_scale"] = float(self.engine.optimizer.loss_scale)
             if self.engine.skipped_steps > skipped_before:
