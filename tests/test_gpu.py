@@ -257,8 +257,10 @@ def test_bf16_training_resumes_with_the_same_losses(tiny_data, tmp_path, compile
     full_dir, split_dir = tmp_path / "full", tmp_path / "split"
     common = ["precision=bf16", "train.iters=20", "model.dropout=0.1", "model.attention_dropout=0.1",
               f"train.compile={str(compiled).lower()}"]
-    # The uninterrupted run and the first half of the interrupted one share the GPU.
-    full = _start(tiny_data, full_dir, DEVICE, *common)
+    # The uninterrupted run and the first half of the interrupted one share the GPU. The eager
+    # uninterrupted run also times its instructions (run.timers: device synchronizations), which
+    # must change no loss.
+    full = _start(tiny_data, full_dir, DEVICE, *common, *([] if compiled else ["run.timers=true"]))
     first = _start(tiny_data, split_dir, DEVICE, *common, "train.exit_at_step=10")
     _finish(full)
     out1 = _finish(first)
@@ -286,6 +288,8 @@ def test_bf16_training_resumes_with_the_same_losses(tiny_data, tmp_path, compile
         last3=last3,
     )
     assert [r["lr"] for r in a] == [r["lr"] for r in b]
+    if not compiled:
+        assert all(r["time_forward_s"] > 0 and r["time_optimizer_s"] > 0 for r in a), a[0]
     assert before <= 1e-4, (la, lb)  # same seed, same GPU: the run-to-run floor
     assert after <= 1e-4, (la, lb)
 
