@@ -332,3 +332,50 @@ def test_split_attention_under_deepspeeds_block_recomputation_is_exact(one_proce
         loss.backward()
         results.append([loss.detach(), *[p.grad for p in module.parameters()]])
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+def test_host_lengths_reads_a_tensor_once_and_again_after_a_change():
+    """The Part-A lengths are read to the host once per tensor (on a GPU each read waits for the
+    device); an in-place change or a new tensor with other values is read again."""
+    from glm_train.model.mask import host_lengths
+
+    t = torch.tensor([3, 0, 7])
+    first = host_lengths(t)
+    assert first == (3, 0, 7) and host_lengths(t) is first
+    t[1] = 5  # bumps the version counter
+    assert host_lengths(t) == (3, 5, 7)
+    assert host_lengths(torch.tensor([1, 2, 3])) == (1, 2, 3)
+    del t
+    assert host_lengths(torch.tensor([4, 4, 4])) == (4, 4, 4)  # a freed tensor's slot is not reused
+
+
+@pytest.mark.parametrize("impl", [AttentionImpl.split, AttentionImpl.blocks])
+def test_pipeline_stage_reads_the_part_a_lengths_once_per_micro_batch(one_process_group, impl, monkeypatch,
+                                                                      blocks_at_any_size):
+    """Every block of a stage gets the same lengths tensor: one host read per forward pass, not one
+    per block (each is a device synchronization on a GPU), with the same loss as the masked kernel."""
+    from glm_train.parallel.topology import ParallelState
+    from glm_train.train.pipeline import glm_pipeline
+
+    reads = []
+    real = torch.Tensor.tolist
+
+    def counted(self):  # the real read, counted
+        reads.append(self.shape)
+        return real(self)
+
+    ids = torch.randint(0, 320, (2, 48), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(48).expand(2, 48).contiguous()
+    prefix = torch.tensor([16, 30])
+    loss_mask = (torch.arange(48).unsqueeze(0) >= prefix.unsqueeze(1)).float()
+    losses = []
+    for kernel in (AttentionImpl.sdpa, impl):
+        cfg = ModelConfig(vocab_size=320, layers=4, hidden=64, heads=4, seq_length=48, attention_impl=kernel)
+        module = glm_pipeline(cfg, 1, ParallelState(1, 1, 1).topology)
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "tolist", counted)
+            reads.clear()
+            losses.append(module.loss_fn(module((ids, pos, prefix.clone())), (ids, loss_mask)))
+            losses[-1].backward()
+        assert len(reads) == (0 if kernel == AttentionImpl.sdpa else 1), (kernel, reads)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)

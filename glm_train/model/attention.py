@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from glm_train.config import AttentionImpl, ModelConfig, PositionEncoding
 from glm_train.model import prefix_blocks
-from glm_train.model.mask import prefix_lm_mask
+from glm_train.model.mask import host_lengths, prefix_lm_mask
 from glm_train.model.rope import rotary_qkv
 from glm_train.parallel.layers import ColumnParallelLinear, RowParallelLinear, xavier_normal_init
 from glm_train.parallel.random import TP_RANDOM
@@ -190,7 +191,7 @@ def split_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pr
     take the function's inner graph); there autograd's composition of the two calls runs instead,
     its output concatenated in [B, H, S, D] order.
     """
-    lengths = prefix_lengths.tolist()  # one host sync per call, not per sample
+    lengths = host_lengths(prefix_lengths)  # one host sync per micro-batch, not per block or sample
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         _, causal, parts = _split_calls(q, k, v, lengths, dropout_p)
         return _assemble(causal, parts)
@@ -203,7 +204,7 @@ def split_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pr
 _Part = tuple[slice, int, list[torch.Tensor], Any]  # batch rows, Part-A length, inputs, output (or its edge)
 
 
-def _split_calls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int], dropout_p: float,
+def _split_calls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: Sequence[int], dropout_p: float,
                  leaves: bool = False) -> tuple[list[torch.Tensor], torch.Tensor, list[_Part]]:
     """The causal call over all rows (its inputs and output) and the Part-A calls: one batched call
     when every sample has the same Part A (packed or synthetic batches; B calls of one sample each

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from glm_train.config import AttentionImpl
@@ -26,3 +28,25 @@ def attention_mask(prefix_lengths: torch.Tensor, seq_len: int, impl: AttentionIm
     if AttentionImpl(impl).resolve(prefix_lengths.device) in (AttentionImpl.split, AttentionImpl.blocks):
         return prefix_lengths
     return prefix_lm_mask(prefix_lengths, seq_len)
+
+
+# The last tensor :func:`host_lengths` read, its version counter and its values.
+_last_read: tuple[weakref.ref[torch.Tensor], int, tuple[int, ...]] | None = None
+
+
+def host_lengths(prefix_lengths: torch.Tensor) -> tuple[int, ...]:
+    """The Part-A lengths [B] as Python ints, for the kernels whose calls they decide (split, blocks).
+
+    Reading a GPU tensor on the host waits for the device, and the device then idles until the host
+    queues its next kernel. Every block of a pipeline stage gets the same lengths tensor, so the
+    values read for it are kept for the next caller: one read per micro-batch, not one per block.
+    The cache is keyed on the tensor's identity and its version counter, so a new or modified
+    tensor is read again.
+    """
+    global _last_read
+    last = _last_read
+    if last is not None and last[0]() is prefix_lengths and last[1] == prefix_lengths._version:
+        return last[2]
+    values = tuple(prefix_lengths.tolist())
+    _last_read = (weakref.ref(prefix_lengths), prefix_lengths._version, values)
+    return values

@@ -25,6 +25,8 @@ import functools
 
 import torch
 
+from glm_train.model.mask import host_lengths
+
 # The CPU flash-attention kernel and its backward, as SDPA calls them.
 _FORWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
@@ -238,7 +240,7 @@ def prefix_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Softmax attention [B, H, S, D] of q, k, v [B, H, S, D] on the CPU under GLM's prefix mask
     (Part A bidirectional, Part B causal), from the Part-A lengths [B]. No dropout. FP32 through the
     CPU flash kernel, bf16 through matmuls that keep the probabilities."""
-    lengths = prefix_lengths.tolist()
+    lengths = host_lengths(prefix_lengths)
     if q.dtype == torch.float32:
         return _PrefixBlocks.apply(q, k, v, lengths)
     if q.dtype == torch.bfloat16:
