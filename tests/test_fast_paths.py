@@ -307,6 +307,15 @@ def test_bf16_cpu_attention_either_kernel_matches_fp32(upcast, monkeypatch, bloc
     assert errs[0] < 2e-2 and errs[1] < 5e-2, errs
 
 
+def _pipeline_batch(prefix: list[int]) -> tuple[torch.Tensor, ...]:
+    """Two samples of 48 tokens (vocabulary 320) for the pipeline module: ids, positions, the
+    Part-A lengths and the Part-B loss mask."""
+    ids = torch.randint(0, 320, (2, 48), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(48).expand(2, 48).contiguous()
+    lengths = torch.tensor(prefix)
+    return ids, pos, lengths, (torch.arange(48).unsqueeze(0) >= lengths.unsqueeze(1)).float()
+
+
 @pytest.mark.parametrize("prefix", [[16, 24], [20, 20]], ids=["mixed", "one_length"])
 def test_split_attention_under_deepspeeds_block_recomputation_is_exact(one_process_group, prefix):
     """DeepSpeed's pipeline recomputes checkpointed blocks reentrantly: the first forward runs
@@ -318,10 +327,7 @@ def test_split_attention_under_deepspeeds_block_recomputation_is_exact(one_proce
 
     cfg = ModelConfig(vocab_size=320, layers=3, hidden=64, heads=4, seq_length=48, attention_impl="split",
                       dropout=0.1, attention_dropout=0.1)
-    ids = torch.randint(0, 320, (2, 48), generator=torch.Generator().manual_seed(0))
-    pos = torch.arange(48).expand(2, 48).contiguous()
-    prefix = torch.tensor(prefix)
-    loss_mask = (torch.arange(48).unsqueeze(0) >= prefix.unsqueeze(1)).float()
+    ids, pos, prefix, loss_mask = _pipeline_batch(prefix)
     results = []
     for interval in (0, 1):
         module = glm_pipeline(cfg, 1, ParallelState(1, 1, 1).topology, activation_checkpoint_interval=interval)
@@ -364,10 +370,7 @@ def test_pipeline_stage_reads_the_part_a_lengths_once_per_micro_batch(one_proces
         reads.append(self.shape)
         return real(self)
 
-    ids = torch.randint(0, 320, (2, 48), generator=torch.Generator().manual_seed(0))
-    pos = torch.arange(48).expand(2, 48).contiguous()
-    prefix = torch.tensor([16, 30])
-    loss_mask = (torch.arange(48).unsqueeze(0) >= prefix.unsqueeze(1)).float()
+    ids, pos, prefix, loss_mask = _pipeline_batch([16, 30])
     losses = []
     for kernel in (AttentionImpl.sdpa, impl):
         cfg = ModelConfig(vocab_size=320, layers=4, hidden=64, heads=4, seq_length=48, attention_impl=kernel)
